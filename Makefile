@@ -1,0 +1,32 @@
+# Everyday commands. `make help` lists them.
+.DEFAULT_GOAL := help
+VENV := .venv/bin
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: ## install packages, kernel headers and the venv (root)
+	scripts/setup.sh --test
+
+run: ## the main job: sensor streaming live events to stdout (root)
+	scripts/run.sh
+
+test: ## the whole test suite, lint first (root)
+	scripts/test.sh
+
+lint: ## ruff and mypy
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+	$(VENV)/mypy sensor backplane
+
+fmt: ## format the code
+	$(VENV)/ruff format .
+	$(VENV)/ruff check --fix .
+
+bench: ## the benchmarks (root, takes minutes)
+	$(VENV)/python bench/exec_storm.py
+
+probe: ## which capture tiers work on this machine
+	$(VENV)/edr-sensor probe
+
+.PHONY: help setup run test lint fmt bench probe

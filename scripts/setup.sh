@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian 12 / Ubuntu 24.04 machine, as root.
+#   scripts/setup.sh          what the sensor and controller need to run
+#   scripts/setup.sh --test   plus what the tests and benchmarks need
+# Installs Debian packages (BCC from the distribution, never PyPI's unrelated "bcc"), kernel
+# headers for BCC, and a venv in .venv with the project installed editable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: run as root (sudo $0): BPF, apt and nftables need it" >&2
+    exit 1
+fi
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+packages=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools nftables iproute2
+          util-linux ca-certificates)
+if [ "$want_test" = 1 ]; then
+    packages+=(bpftrace auditd chromium chromium-driver procps)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" = 0 ]; then
+        log "apt-get update"
+        apt-get update -qq
+        apt_updated=1
+    fi
+    log "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+
+# auditd starts itself on install; the benchmark starts it when it needs it.
+if [ "$want_test" = 1 ] && systemctl is-active --quiet auditd 2>/dev/null; then
+    systemctl stop auditd 2>/dev/null || true
+fi
+
+# Kernel headers for BCC. Matching headers are best (Ubuntu ships them per kernel). Where the
+# running kernel has none (as on the CI machines), Debian's generic headers are merged into one
+# folder and named by BCC_KERNEL_SOURCE: safe for tracepoint programs, which read no kernel
+# struct; the sensor refuses the kprobe tier with them.
+kver=$(uname -r)
+generic=/usr/src/edr-bcc-headers
+if [ ! -e "/lib/modules/$kver/build" ] && [ ! -d "$generic/include" ]; then
+    if [ "$apt_updated" = 0 ]; then apt-get update -qq; apt_updated=1; fi
+    if apt-cache show "linux-headers-$kver" >/dev/null 2>&1; then
+        apt_install "linux-headers-$kver"
+    else
+        arch=$(dpkg --print-architecture)
+        dpkg-query -W -f='${Status}' "linux-headers-$arch" 2>/dev/null | grep -q "ok installed" \
+            || apt_install "linux-headers-$arch"
+        common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1)
+        specific=${common%-common}-$arch
+        if [ -z "$common" ] || [ ! -d "$specific" ]; then
+            echo "setup: no kernel headers found under /usr/src after installing linux-headers-$arch" >&2
+            exit 1
+        fi
+        log "merging $common and $specific into $generic (generic headers for BCC)"
+        rm -rf "$generic.tmp"
+        mkdir -p "$generic.tmp"
+        cp -as "$common/." "$generic.tmp/"
+        cp -asf "$specific/." "$generic.tmp/"
+        mv "$generic.tmp" "$generic"
+    fi
+fi
+
+# The venv, on the distribution's Python so that its BCC bindings match.
+venv=.venv
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating $venv"
+    /usr/bin/python3 -m venv "$venv"
+fi
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+bcc_dir=$(/usr/bin/python3 -c 'import bcc, os; print(os.path.dirname(bcc.__file__))')
+ln -sfn "$bcc_dir" "$site/bcc"
+
+stamp="$venv/.installed"
+extras=""
+[ "$want_test" = 1 ] && extras="[dev]"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)$extras"
+if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
+    log "pip install -e .$extras"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e ".$extras"
+    echo "$want" > "$stamp"
+fi
+# The unprivileged fallback tests run the sensor as 'nobody' from this venv.
+chmod -R a+rX "$venv" sensor backplane 2>/dev/null || true
+log "ready"

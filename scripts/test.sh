@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up everything the tests need, lint, then run the whole test suite (root and BPF included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+.venv/bin/ruff check .
+exec .venv/bin/pytest -ra "$@"

@@ -1,0 +1,295 @@
+"""The sensor's view of every process: the context every event carries.
+
+Each capture tier feeds it (fork, exec, exit, chdir) and reads it to enrich file and network
+events. It is seeded from /proc at start-up so processes older than the sensor have context
+too, and it keeps recently exited processes for a while so late events still resolve.
+
+The parent comes from the fork events the tier reports (and /proc at start-up), never from
+kernel structs: with mismatched headers ``task->real_parent->tgid`` reads 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import pwd
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from backplane.schema import iso_timestamp
+from sensor import procfs
+
+EXITED_KEPT = 8192
+
+
+@dataclass(slots=True)
+class ProcessInfo:
+    pid: int
+    ppid: int = 0
+    start_ticks: int = 0
+    entity_id: str = ""
+    comm: str = ""
+    executable: str | None = None
+    args: list[str] = field(default_factory=list)
+    args_truncated: bool = False
+    cwd: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    loginuid: int | None = None
+    container_id: str | None = None
+    sha256: str | None = None
+    exit_code: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.executable:
+            return self.executable.rsplit("/", 1)[-1]
+        return self.comm
+
+    @property
+    def command_line(self) -> str:
+        return " ".join(self.args)
+
+
+_user_names: dict[int, str | None] = {}
+
+
+def user_name(uid: int) -> str | None:
+    if uid not in _user_names:
+        try:
+            _user_names[uid] = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            _user_names[uid] = None
+    return _user_names[uid]
+
+
+class ProcessTable:
+    """Thread-safe map of live (and recently exited) processes keyed by pid."""
+
+    def __init__(self, host_id: str, boot_ns_to_epoch_ns: int | None = None) -> None:
+        self._host_id = host_id
+        self._boot_id = procfs.boot_id()
+        self._live: dict[int, ProcessInfo] = {}
+        self._exited: OrderedDict[int, ProcessInfo] = OrderedDict()
+        self._lock = threading.Lock()
+        # Epoch time at boot: turns start ticks into an ECS process.start timestamp.
+        if boot_ns_to_epoch_ns is None:
+            boot_ns_to_epoch_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        self.boot_epoch_ns = boot_ns_to_epoch_ns
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def entity_id(self, pid: int, start_ticks: int) -> str:
+        """Stable across the process's life, unique across pid reuse, reboots and hosts."""
+        digest = hashlib.sha256(
+            f"{self._host_id}:{self._boot_id}:{pid}:{start_ticks}".encode()
+        ).digest()
+        return base64.urlsafe_b64encode(digest[:18]).decode()
+
+    # -- feeding ----------------------------------------------------------------------------
+
+    def seed_from_proc(self) -> int:
+        """Load every process visible in /proc; returns how many."""
+        count = 0
+        for pid in procfs.pids():
+            info = self._read_proc(pid)
+            if info is not None:
+                with self._lock:
+                    self._live.setdefault(pid, info)
+                count += 1
+        return count
+
+    def fork(self, ppid: int, pid: int, start_ticks: int | None = None) -> ProcessInfo:
+        """A new process: inherits its parent's image, credentials and cwd until it execs."""
+        with self._lock:
+            parent = self._live.get(ppid)
+            if start_ticks is None:
+                st = procfs.stat(pid)
+                start_ticks = st[2] if st else 0
+            child = ProcessInfo(
+                pid=pid,
+                ppid=ppid,
+                start_ticks=start_ticks,
+                entity_id=self.entity_id(pid, start_ticks),
+            )
+            if parent is not None:
+                child.comm = parent.comm
+                child.executable = parent.executable
+                child.args = parent.args
+                child.args_truncated = parent.args_truncated
+                child.cwd = parent.cwd
+                child.uid, child.gid, child.loginuid = parent.uid, parent.gid, parent.loginuid
+                child.container_id = parent.container_id
+                child.sha256 = parent.sha256
+            self._live[pid] = child
+            return child
+
+    def exec(
+        self,
+        pid: int,
+        *,
+        executable: str | None,
+        args: list[str] | None = None,
+        args_truncated: bool = False,
+        uid: int | None = None,
+        gid: int | None = None,
+        comm: str | None = None,
+        ppid: int | None = None,
+    ) -> ProcessInfo:
+        """A new image in an existing process: entity id is kept, image fields replaced.
+
+        Whatever the tier did not pass is read from /proc if the process is still alive.
+        """
+        info = self.lookup(pid)
+        with self._lock:
+            if ppid:
+                info.ppid = ppid
+            info.executable = executable or procfs.link(pid, "exe") or info.executable
+            if args is None:
+                argv = procfs.cmdline(pid)
+                if argv is not None:
+                    args, args_truncated = argv
+            if args is not None:
+                info.args, info.args_truncated = args, args_truncated
+            info.comm = comm or info.comm or info.name
+            if uid is not None:
+                info.uid = uid
+            if gid is not None:
+                info.gid = gid
+            info.sha256 = None
+            cwd = procfs.link(pid, "cwd")
+            if cwd is not None:
+                info.cwd = cwd
+            if info.loginuid is None:
+                info.loginuid = procfs.loginuid(pid)
+            cid = procfs.container_id(pid)
+            if cid is not None:
+                info.container_id = cid
+            self._live[pid] = info
+            return info
+
+    def exit(self, pid: int, exit_code: int | None = None) -> ProcessInfo:
+        info = self.lookup(pid)
+        with self._lock:
+            info.exit_code = exit_code
+            self._live.pop(pid, None)
+            self._exited[pid] = info
+            self._exited.move_to_end(pid)
+            while len(self._exited) > EXITED_KEPT:
+                self._exited.popitem(last=False)
+            return info
+
+    def chdir(self, pid: int, cwd: str) -> None:
+        with self._lock:
+            info = self._live.get(pid)
+            if info is not None:
+                info.cwd = cwd
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, pid: int) -> ProcessInfo | None:
+        with self._lock:
+            return self._live.get(pid) or self._exited.get(pid)
+
+    def lookup(self, pid: int) -> ProcessInfo:
+        """The known process, else what /proc says now, else a bare record (never fails)."""
+        with self._lock:
+            info = self._live.get(pid) or self._exited.get(pid)
+        if info is not None:
+            return info
+        info = self._read_proc(pid) or ProcessInfo(pid=pid, entity_id=self.entity_id(pid, 0))
+        with self._lock:
+            return self._live.setdefault(pid, info)
+
+    def live_pids(self) -> list[int]:
+        with self._lock:
+            return list(self._live)
+
+    def __iter__(self) -> Iterator[ProcessInfo]:
+        with self._lock:
+            return iter(list(self._live.values()))
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def ancestors(self, pid: int, limit: int = 16) -> Iterator[ProcessInfo]:
+        seen = {pid}
+        info = self.get(pid)
+        while info is not None and limit > 0 and info.ppid and info.ppid not in seen:
+            seen.add(info.ppid)
+            info = self.get(info.ppid)
+            if info is not None:
+                yield info
+            limit -= 1
+
+    def _read_proc(self, pid: int) -> ProcessInfo | None:
+        st = procfs.stat(pid)
+        if st is None:
+            return None
+        comm, ppid, start_ticks = st
+        argv = procfs.cmdline(pid) or ([], False)
+        creds = procfs.ids(pid) or (None, None)
+        return ProcessInfo(
+            pid=pid,
+            ppid=ppid,
+            start_ticks=start_ticks,
+            entity_id=self.entity_id(pid, start_ticks),
+            comm=comm,
+            executable=procfs.link(pid, "exe"),
+            args=argv[0],
+            args_truncated=argv[1],
+            cwd=procfs.link(pid, "cwd"),
+            uid=creds[0],
+            gid=creds[1],
+            loginuid=procfs.loginuid(pid),
+            container_id=procfs.container_id(pid),
+        )
+
+    # -- ECS --------------------------------------------------------------------------------
+
+    def ecs(self, info: ProcessInfo) -> dict[str, Any]:
+        """``process``, ``user``, ``group`` and ``container`` fields for an event."""
+        proc: dict[str, Any] = {"pid": info.pid, "entity_id": info.entity_id, "name": info.name}
+        if info.executable:
+            proc["executable"] = info.executable
+        if info.args:
+            proc["args"] = info.args
+            proc["args_count"] = len(info.args)
+            proc["command_line"] = info.command_line
+            if info.args_truncated:
+                proc["args_truncated"] = True
+        if info.cwd:
+            proc["working_directory"] = info.cwd
+        if info.start_ticks:
+            start_ns = self.boot_epoch_ns + info.start_ticks * 1_000_000_000 // procfs.CLK_TCK
+            proc["start"] = iso_timestamp(start_ns)
+        if info.sha256:
+            proc["hash"] = {"sha256": info.sha256}
+        if info.exit_code is not None:
+            proc["exit_code"] = info.exit_code
+        parent = self.get(info.ppid) if info.ppid else None
+        proc["parent"] = {"pid": info.ppid}
+        if parent is not None:
+            proc["parent"].update(entity_id=parent.entity_id, name=parent.name)
+            if parent.executable:
+                proc["parent"]["executable"] = parent.executable
+            if parent.args:
+                proc["parent"]["command_line"] = parent.command_line
+        fields: dict[str, Any] = {"process": proc}
+        if info.uid is not None:
+            user: dict[str, Any] = {"id": str(info.uid)}
+            name = user_name(info.uid)
+            if name:
+                user["name"] = name
+            if info.loginuid is not None:
+                user["audit"] = {"id": str(info.loginuid)}
+            fields["user"] = user
+        if info.gid is not None:
+            fields["group"] = {"id": str(info.gid)}
+        if info.container_id:
+            fields["container"] = {"id": info.container_id}
+        return fields
