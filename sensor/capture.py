@@ -51,6 +51,8 @@ class CaptureContext:
     # Bounds on argv capture; the BPF tier compiles the same numbers in.
     max_args: int = 128
     max_arg_bytes: int = 4096
+    # How often polling sources (fallback tier) look; they miss anything shorter-lived.
+    poll_interval: float = 0.25
 
 
 class Source(abc.ABC):
