@@ -31,7 +31,8 @@ class FilterConfig:
     exclude_prefixes: tuple[str, ...] = ("/proc/", "/sys/", "/dev/")
     include_prefixes: tuple[str, ...] = ()  # empty: everything not excluded
     sensitive_read_prefixes: tuple[str, ...] = ("/etc/shadow", "/etc/sudoers", "/root/.ssh/")
-    watch_paths: tuple[str, ...] = ("/etc", "/tmp", "/var/tmp", "/root", "/home", "/usr/local/bin")
+    # Where the fallback tier's inotify watches (it cannot watch everything).
+    watch_paths: tuple[str, ...] = ("/etc", "/tmp", "/var/tmp", "/root", "/home", "/usr/local/bin")  # noqa: S108
 
     def wants(self, path: str) -> bool:
         if any(path.startswith(p) for p in self.exclude_prefixes):
@@ -102,7 +103,9 @@ class Source(abc.ABC):
         epoch_ns: int | None = None,
         outcome: str | None = None,
     ) -> Event:
-        ev = new_event(action, host=self.ctx.host, tier=self.tier, epoch_ns=epoch_ns, outcome=outcome)
+        ev = new_event(
+            action, host=self.ctx.host, tier=self.tier, epoch_ns=epoch_ns, outcome=outcome
+        )
         if proc is not None:
             ev.update(self.ctx.table.ecs(proc))
         return ev
@@ -146,11 +149,10 @@ class Source(abc.ABC):
         outcome: str | None = None,
     ) -> Event:
         ev = self.event(action, proc, epoch_ns=epoch_ns, outcome=outcome)
-        any_ip = (destination or source or ("0.0.0.0", 0))[0]
-        network: dict[str, Any] = {
-            "transport": transport,
-            "type": "ipv6" if ipaddress.ip_address(any_ip).version == 6 else "ipv4",
-        }
+        network: dict[str, Any] = {"transport": transport}
+        endpoint = destination or source
+        if endpoint is not None:
+            network["type"] = f"ipv{ipaddress.ip_address(endpoint[0]).version}"
         if action is Action.CONNECT:
             network["direction"] = "egress"
         elif action is Action.ACCEPT:

@@ -1,0 +1,71 @@
+"""SHA-256 of executables, cached by file identity so each binary is read once.
+
+The cache key is (device, inode, size, mtime): a binary replaced in place gets a new mtime or
+inode and is hashed again. Hashing happens in the pipeline's writer thread, never in a capture
+thread, and files above a size bound are skipped (reported as such, not hashed partially).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections import OrderedDict
+
+HASH_MAX_BYTES = 128 * 1024 * 1024
+CACHE_ENTRIES = 8192
+_CHUNK = 1024 * 1024
+
+
+class ExecutableHasher:
+    def __init__(self, max_bytes: int = HASH_MAX_BYTES, entries: int = CACHE_ENTRIES) -> None:
+        self.max_bytes = max_bytes
+        self._entries = entries
+        self._cache: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.skipped = 0
+
+    def sha256(self, path: str, pid: int | None = None) -> str | None:
+        """Hash of ``path``; falls back to /proc/<pid>/exe when the path is gone or replaced."""
+        for candidate in (path, f"/proc/{pid}/exe" if pid else None):
+            if candidate is None:
+                continue
+            try:
+                digest = self._hash(candidate)
+            except OSError:
+                continue
+            if digest is not None:
+                return digest
+        return None
+
+    def _hash(self, path: str) -> str | None:
+        # O_NONBLOCK: a path swapped for a FIFO after the exec must not hang the writer.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return cached
+            if st.st_size > self.max_bytes:
+                self.skipped += 1
+                return None
+            self.misses += 1
+            h = hashlib.sha256()
+            while chunk := os.read(fd, _CHUNK):
+                h.update(chunk)
+        finally:
+            os.close(fd)
+        digest = h.hexdigest()
+        self._cache[key] = digest
+        if len(self._cache) > self._entries:
+            self._cache.popitem(last=False)
+        return digest
+
+    def counters(self) -> dict[str, int]:
+        return {"hash_hits": self.hits, "hash_misses": self.misses, "hash_skipped": self.skipped}
