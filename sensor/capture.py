@@ -148,6 +148,11 @@ class Source(abc.ABC):
         epoch_ns: int | None = None,
         outcome: str | None = None,
     ) -> Event:
+        """ECS direction: ``source`` is the side that initiated the connection.
+
+        connect: source = local end, destination = remote. accept: source = the remote peer,
+        destination = the local (listening) end. listen: destination = the local address.
+        """
         ev = self.event(action, proc, epoch_ns=epoch_ns, outcome=outcome)
         network: dict[str, Any] = {"transport": transport}
         endpoint = destination or source
