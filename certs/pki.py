@@ -138,6 +138,30 @@ def check_public_key(key: object) -> None:
     raise ValueError(f"refused key type: {detail} (allowed: ECDSA P-256, P-384, Ed25519)")
 
 
+def load_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
+    """Parse a PEM CSR and check its key type and self-signature.
+
+    Raises:
+        ValueError: unparsable CSR, refused key type, or a signature that does not verify.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise ValueError(f"CSR is not a valid PEM certificate request: {exc}") from None
+    try:
+        public_key = csr.public_key()
+    except (ValueError, x509.UnsupportedGeneralNameType) as exc:
+        raise ValueError(f"CSR public key cannot be read: {exc}") from None
+    check_public_key(public_key)
+    try:
+        signature_ok = csr.is_signature_valid
+    except (ValueError, InvalidSignature):
+        signature_ok = False
+    if not signature_ok:
+        raise ValueError("CSR signature is invalid: the request was not signed by its key")
+    return csr
+
+
 class CertificateAuthority:
     """An EDR certificate authority: a self-signed ECDSA P-256 CA and its private key."""
 
@@ -340,21 +364,8 @@ class CertificateAuthority:
             ValueError: unparsable CSR, bad signature, or a refused key type.
         """
         validate_host_id(host_id)
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise ValueError(f"CSR is not a valid PEM certificate request: {exc}") from None
-        try:
-            public_key = csr.public_key()
-        except (ValueError, x509.UnsupportedGeneralNameType) as exc:
-            raise ValueError(f"CSR public key cannot be read: {exc}") from None
-        check_public_key(public_key)
-        try:
-            signature_ok = csr.is_signature_valid
-        except (ValueError, InvalidSignature):
-            signature_ok = False
-        if not signature_ok:
-            raise ValueError("CSR signature is invalid: the request was not signed by its key")
+        csr = load_csr(csr_pem)
+        public_key = csr.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
         return self._client(host_id, public_key, now, validity)
 
