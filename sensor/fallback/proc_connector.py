@@ -60,6 +60,7 @@ _ACK = struct.Struct("=I")  # event_data.ack.err for PROC_EVENT_NONE
 
 RCVBUF_BYTES = 8 << 20
 POLL_TIMEOUT_S = 0.2
+DRAIN_MAX = 4096  # messages per batch, so a storm cannot starve the stop check
 KTHREADD_PID = 2
 
 
@@ -190,38 +191,52 @@ class ProcConnectorSource(Source):
         while not stop.is_set():
             if not poller.poll(POLL_TIMEOUT_S * 1000):
                 continue
-            # Drain everything queued before sleeping again: fewer wake-ups under load.
-            while not stop.is_set():
-                try:
-                    data = sock.recv(65536, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.ENOBUFS:
-                        self._overflow()
-                        continue
-                    if self._sock is None:  # closed under us by close()
-                        return
-                    raise
-                try:
-                    messages = decode(data)
-                except OSError as exc:
-                    if exc.errno == errno.ENOBUFS:
-                        self._overflow()
-                        continue
-                    log.warning("proc connector: netlink error %s", exc)
+            messages = self._drain(sock)
+            if messages is None:
+                return
+            # Short-lived processes vanish within a millisecond: read /proc for every exec in
+            # the batch first, then do the slower table and event work.
+            snaps = {
+                m.tgid: _snapshot(m.tgid, self.ctx) for m in messages if m.what == PROC_EVENT_EXEC
+            }
+            for msg in messages:
+                self.received += 1
+                self.handle(msg, snaps.get(msg.tgid) if msg.what == PROC_EVENT_EXEC else None)
+
+    def _drain(self, sock: socket.socket) -> list[ProcMessage] | None:
+        """Every message queued on the socket now; ``None`` when the socket was closed."""
+        messages: list[ProcMessage] = []
+        while len(messages) < DRAIN_MAX:
+            try:
+                data = sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self._overflow()
                     continue
-                for msg in messages:
-                    self.received += 1
-                    self.handle(msg)
+                if self._sock is None:  # closed under us by close()
+                    return None
+                raise
+            try:
+                messages.extend(decode(data))
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self._overflow()
+                else:
+                    log.warning("proc connector: netlink error %s", exc)
+        return messages
 
     def _overflow(self) -> None:
         self.enobufs += 1
         self.dropped += 1
         log.warning("proc connector: socket buffer overflowed (ENOBUFS), process events lost")
 
-    def handle(self, msg: ProcMessage) -> None:
-        """Turn one decoded message into table updates and events."""
+    def handle(self, msg: ProcMessage, snap: Snapshot | None = None) -> None:
+        """Turn one decoded message into table updates and events.
+
+        ``snap`` is what /proc showed for an exec'd process; read now when not given.
+        """
         ignored = self.ctx.ignored_pids
         epoch_ns = msg.timestamp_ns + self._mono_to_epoch_ns
         if msg.what == PROC_EVENT_FORK:
@@ -234,7 +249,7 @@ class ProcConnectorSource(Source):
         elif msg.what == PROC_EVENT_EXEC:
             if msg.tgid in ignored:
                 return
-            self._exec(msg.tgid, epoch_ns)
+            self._exec(msg.tgid, epoch_ns, snap or _snapshot(msg.tgid, self.ctx))
         elif msg.what == PROC_EVENT_EXIT:
             # Threads exit one by one; the process is gone when its leader exits.
             if msg.pid != msg.tgid or msg.tgid in ignored or msg.parent_tgid == KTHREADD_PID:
@@ -249,22 +264,30 @@ class ProcConnectorSource(Source):
         elif msg.what == PROC_EVENT_NONE and msg.ack_err:
             log.warning("proc connector: kernel reported error %d", msg.ack_err)
 
-    def _exec(self, pid: int, epoch_ns: int) -> None:
-        # Read the image first: if it is unreadable the process is gone, and the table would
-        # otherwise keep the image it inherited from its parent at fork.
-        exe = procfs.link(pid, "exe")
-        creds = procfs.ids(pid) or (None, None)  # setuid images change the credentials
-        info = self.ctx.table.exec(pid, executable=exe, uid=creds[0], gid=creds[1])
-        gone = exe is None and procfs.stat(pid) is None
-        if gone:
-            info.executable = None
-            if procfs.cmdline(pid) is None:
-                info.args, info.args_truncated = [], False
-        ev = self.event(Action.EXEC, info, epoch_ns=epoch_ns)
+    def _exec(self, pid: int, epoch_ns: int, snap: Snapshot) -> None:
+        exe, argv, st, creds = snap
+        args, truncated = argv if argv and argv[0] else ([], False)
+        info = self.ctx.table.exec(
+            pid,
+            executable=exe,
+            args=args,
+            args_truncated=truncated,
+            uid=creds[0] if creds else None,
+            gid=creds[1] if creds else None,
+            comm=st[0] if st else None,
+        )
         if exe is None:
+            # Gone: the table would otherwise keep the image it inherited from the parent at
+            # fork, which would be a lie about this process.
+            info.executable = None
+            if st is None:
+                info.comm = ""
+        ev = self.event(Action.EXEC, info, epoch_ns=epoch_ns)
+        if exe is None or not args:
             self.incomplete += 1
+            missing = [n for n, ok in (("executable", exe), ("args", args)) if not ok]
             ev["edr"]["incomplete"] = (
-                "process exited before /proc could be read" if gone else "executable unreadable"
+                f"{' and '.join(missing)} unavailable: the process exited before /proc was read"
             )
         self._emit(ev)
 
@@ -289,6 +312,19 @@ class ProcConnectorSource(Source):
             "enobufs": self.enobufs,
             "incomplete": self.incomplete,
         }
+
+
+Snapshot = tuple[
+    str | None, tuple[list[str], bool] | None, tuple[str, int, int] | None, tuple[int, int] | None
+]
+
+
+def _snapshot(pid: int, ctx: CaptureContext) -> Snapshot:
+    """``(exe, argv, stat, ids)`` of a process right now; argv first, it matters most."""
+    argv = procfs.cmdline(pid, ctx.max_args, ctx.max_arg_bytes)
+    exe = procfs.link(pid, "exe")
+    # A zombie still has its comm in stat; its credentials matter for setuid images.
+    return exe, argv, procfs.stat(pid), procfs.ids(pid)
 
 
 def _subscribe(rcvbuf: int) -> socket.socket:
