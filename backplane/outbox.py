@@ -122,6 +122,14 @@ class Outbox:
         events, self._pending = self._pending, []
         try:
             body = msgpack.packb(events, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A poison event must not block the outbox: refuse it loudly, keep the others.
+            good = [e for e in events if _encodable(e)]
+            self._pending = good + self._pending
+            raise ValueError(
+                f"{len(events) - len(good)} event(s) cannot be encoded and were refused: {exc}"
+            ) from None
+        try:
             with self._tx():
                 carry = self._db.execute("SELECT value FROM meta WHERE key='carry'").fetchone()[0]
                 self._db.execute(
@@ -207,6 +215,14 @@ class Outbox:
     # -- helpers ---------------------------------------------------------------------------
     def _tx(self) -> _Tx:
         return _Tx(self._db)
+
+
+def _encodable(event: Any) -> bool:
+    try:
+        msgpack.packb(event, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
 class _Tx:
