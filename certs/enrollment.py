@@ -28,9 +28,12 @@ class EnrollmentError(ValueError):
     """A request was refused. ``str()`` is the precise reason; ``public_message`` is safe to
     send to the remote side (equal to ``str()`` except for token refusals)."""
 
-    def __init__(self, message: str, public_message: str | None = None) -> None:
+    def __init__(
+        self, message: str, public_message: str | None = None, *, token_refused: bool = False
+    ) -> None:
         super().__init__(message)
         self.public_message = public_message or message
+        self.token_refused = token_refused
 
 
 def check_hostname(hostname: str) -> str:
@@ -111,7 +114,7 @@ class Enrollment:
         except tokens.TokenError as exc:
             # The reason names the token id, never the secret.
             log.warning("enrollment refused for hostname %s: %s", hostname, exc)
-            raise EnrollmentError(str(exc), exc.public_message) from None
+            raise EnrollmentError(str(exc), exc.public_message, token_refused=True) from None
         log.info("enrolled host %s (hostname %s) with token %s", host_id, hostname, token_id)
         return host_id, cert_pem, ca.cert_pem
 
