@@ -1,0 +1,365 @@
+/* file.bpf.c: file creation, writes, sensitive reads, deletion, renames, mode and owner
+ * changes (included by edr.bpf.c).
+ *
+ * Hooks: syscalls:sys_enter/exit_ of openat, openat2, open, creat, unlink, unlinkat, rmdir,
+ * rename, renameat, renameat2, chmod, fchmod, fchmodat(2), chown, fchown, lchown, fchownat.
+ * Arguments are stashed per thread at entry and the event is emitted at exit with the result.
+ * Emits: EDR_EV_FILE (op = enum edr_file_op).
+ * Reported: opens only when they succeed; the other operations when they succeed, and also
+ * when refused with EACCES or EPERM (a denied attempt on a protected file is worth seeing);
+ * other failures (ENOENT, ...) are noise and are not reported.
+ * An open is reported when it can write (O_WRONLY, O_RDWR, O_CREAT, O_TRUNC); user space calls
+ * an O_CREAT open "create" and any other write open "write": telling whether the file existed
+ * before would need a kernel struct read. Read-only opens are reported only for absolute
+ * paths under the prefixes in `sensitive_prefixes`.
+ * Filters in the kernel: absolute paths under `exclude_prefixes`, the sensor's own tgids, and
+ * repeats of the same open (tgid, flags, path hash) within EDR_DEDUP_NS.
+ * Caveats: paths are the user's strings (up to EDR_PATH_LEN bytes); relative and dirfd-based
+ * paths are resolved in user space, so the kernel filters apply only to absolute paths.
+ */
+
+#ifndef EDR_DEDUP_NS
+#define EDR_DEDUP_NS 2000000000ULL
+#endif
+#define EDR_PREFIX_LEN 64
+#define EDR_AT_FDCWD -100
+#define EDR_AT_EMPTY_PATH 0x1000
+#define EDR_O_ACCMODE 03
+#define EDR_O_CREAT 0100
+#define EDR_O_TRUNC 01000
+#define EDR_EACCES 13
+#define EDR_EPERM 1
+
+struct edr_path_key {
+    __u32 prefixlen; /* in bits */
+    char data[EDR_PREFIX_LEN];
+};
+
+struct edr_dedup_key {
+    __u32 tgid;
+    __u32 flags;
+    __u64 hash;
+};
+
+BPF_LPM_TRIE(exclude_prefixes, struct edr_path_key, __u8, 256);
+BPF_LPM_TRIE(sensitive_prefixes, struct edr_path_key, __u8, 256);
+BPF_TABLE("lru_hash", struct edr_dedup_key, __u64, open_dedup, 16384);
+BPF_PERCPU_ARRAY(file_scratch, struct edr_file_event, 1);
+BPF_PERCPU_ARRAY(path_key_scratch, struct edr_path_key, 1);
+BPF_HASH(file_stash, __u32, struct edr_file_event, EDR_STASH_ENTRIES);
+
+/* Fill the per-CPU trie key from a path; NULL for relative paths, which never match. A stale
+ * tail after the NUL does not matter: the NUL itself differs from any prefix character. */
+static __always_inline struct edr_path_key *edr_path_key(const char *path)
+{
+    __u32 zero = 0;
+    struct edr_path_key *k = path_key_scratch.lookup(&zero);
+
+    if (!k || path[0] != '/')
+        return NULL;
+    k->prefixlen = EDR_PREFIX_LEN * 8;
+    __builtin_memcpy(k->data, path, EDR_PREFIX_LEN);
+    return k;
+}
+
+static __always_inline int edr_excluded(const char *path)
+{
+    struct edr_path_key *k = edr_path_key(path);
+    return k && exclude_prefixes.lookup(k) != NULL;
+}
+
+static __always_inline int edr_sensitive(const char *path)
+{
+    struct edr_path_key *k = edr_path_key(path);
+    return k && sensitive_prefixes.lookup(k) != NULL;
+}
+
+static __always_inline __u64 edr_path_hash(const char *path)
+{
+    __u64 h = 14695981039346656037ULL; /* FNV-1a */
+    for (int i = 0; i < EDR_PATH_LEN; i++) {
+        char c = path[i];
+        if (!c)
+            break;
+        h = (h ^ (__u8)c) * 1099511628211ULL;
+    }
+    return h;
+}
+
+static __always_inline struct edr_file_event *edr_file_begin(__u32 op)
+{
+    __u32 zero = 0;
+
+    if (edr_ignored(bpf_get_current_pid_tgid() >> 32))
+        return NULL;
+    struct edr_file_event *e = file_scratch.lookup(&zero);
+    if (!e)
+        return NULL;
+    e->op = op;
+    e->flags = 0;
+    e->dfd = EDR_AT_FDCWD;
+    e->dfd2 = EDR_AT_FDCWD;
+    e->fd = -1;
+    e->mode = 0;
+    e->owner_uid = (__u32)-1;
+    e->owner_gid = (__u32)-1;
+    e->ret = 0;
+    e->path[0] = 0;
+    e->path2[0] = 0;
+    return e;
+}
+
+static __always_inline int edr_file_stash(struct edr_file_event *e)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+
+    if (file_stash.update(&tid, e))
+        edr_count_drop(EDR_EV_FILE);
+    return 0;
+}
+
+/* Read the path and drop the operation when it is under an excluded prefix. */
+static __always_inline int edr_file_path(struct edr_file_event *e, const char *upath)
+{
+    if (bpf_probe_read_user_str(e->path, sizeof(e->path), upath) < 0)
+        return -1;
+    if (edr_excluded(e->path))
+        return -1;
+    return 0;
+}
+
+static __always_inline int edr_open_enter(int dfd, const char *upath, __u64 flags, __u32 mode)
+{
+    struct edr_file_event *e = edr_file_begin(EDR_FILE_OPEN);
+
+    if (!e)
+        return 0;
+    if (edr_file_path(e, upath))
+        return 0;
+    int writes = (flags & EDR_O_ACCMODE) != 0 || (flags & (EDR_O_CREAT | EDR_O_TRUNC)) != 0;
+    if (!writes && !edr_sensitive(e->path))
+        return 0;
+    e->dfd = dfd;
+    e->flags = (__u32)flags;
+    e->mode = mode;
+    return edr_file_stash(e);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat)
+{
+    return edr_open_enter(args->dfd, args->filename, args->flags, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
+{
+    __u64 how[2] = {}; /* struct open_how: flags, mode first (stable uapi) */
+
+    if (bpf_probe_read_user(how, sizeof(how), args->how))
+        return 0;
+    return edr_open_enter(args->dfd, args->filename, how[0], (__u32)how[1]);
+}
+
+#ifdef EDR_HAVE_LEGACY_SYSCALLS
+TRACEPOINT_PROBE(syscalls, sys_enter_open)
+{
+    return edr_open_enter(EDR_AT_FDCWD, args->filename, args->flags, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_creat)
+{
+    /* creat(2) is open(O_CREAT|O_WRONLY|O_TRUNC) */
+    return edr_open_enter(EDR_AT_FDCWD, args->pathname, EDR_O_CREAT | 01 | EDR_O_TRUNC, args->mode);
+}
+#endif
+
+static __always_inline int edr_path_op_enter(__u32 op, int dfd, const char *upath)
+{
+    struct edr_file_event *e = edr_file_begin(op);
+
+    if (!e || edr_file_path(e, upath))
+        return 0;
+    e->dfd = dfd;
+    return edr_file_stash(e);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_unlinkat)
+{
+    /* AT_REMOVEDIR (0x200) turns unlinkat into rmdir */
+    __u32 op = (args->flag & 0x200) ? EDR_FILE_RMDIR : EDR_FILE_UNLINK;
+    return edr_path_op_enter(op, args->dfd, args->pathname);
+}
+
+static __always_inline int edr_rename_enter(int olddfd, const char *oldname, int newdfd,
+                                            const char *newname)
+{
+    struct edr_file_event *e = edr_file_begin(EDR_FILE_RENAME);
+
+    if (!e)
+        return 0;
+    if (bpf_probe_read_user_str(e->path, sizeof(e->path), oldname) < 0)
+        return 0;
+    if (bpf_probe_read_user_str(e->path2, sizeof(e->path2), newname) < 0)
+        return 0;
+    /* reported unless both ends are excluded: moving a file out of /dev matters */
+    if (edr_excluded(e->path) && edr_excluded(e->path2))
+        return 0;
+    e->dfd = olddfd;
+    e->dfd2 = newdfd;
+    return edr_file_stash(e);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_renameat)
+{
+    return edr_rename_enter(args->olddfd, args->oldname, args->newdfd, args->newname);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_renameat2)
+{
+    return edr_rename_enter(args->olddfd, args->oldname, args->newdfd, args->newname);
+}
+
+static __always_inline int edr_chmod_enter(int dfd, const char *upath, int fd, __u32 mode)
+{
+    struct edr_file_event *e = edr_file_begin(EDR_FILE_CHMOD);
+
+    if (!e)
+        return 0;
+    if (upath && edr_file_path(e, upath))
+        return 0;
+    e->dfd = dfd;
+    e->fd = fd;
+    e->mode = mode;
+    return edr_file_stash(e);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmodat)
+{
+    return edr_chmod_enter(args->dfd, args->filename, -1, args->mode);
+}
+
+#ifdef EDR_HAVE_FCHMODAT2
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmodat2)
+{
+    return edr_chmod_enter(args->dfd, args->filename, -1, args->mode);
+}
+#endif
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchmod)
+{
+    return edr_chmod_enter(EDR_AT_FDCWD, NULL, args->fd, args->mode);
+}
+
+static __always_inline int edr_chown_enter(int dfd, const char *upath, int fd, __u32 uid,
+                                           __u32 gid)
+{
+    struct edr_file_event *e = edr_file_begin(EDR_FILE_CHOWN);
+
+    if (!e)
+        return 0;
+    if (upath && edr_file_path(e, upath))
+        return 0;
+    e->dfd = dfd;
+    e->fd = fd;
+    e->owner_uid = uid;
+    e->owner_gid = gid;
+    return edr_file_stash(e);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchownat)
+{
+    return edr_chown_enter(args->dfd, args->filename, -1, args->user, args->group);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchown)
+{
+    return edr_chown_enter(EDR_AT_FDCWD, NULL, args->fd, args->user, args->group);
+}
+
+#ifdef EDR_HAVE_LEGACY_SYSCALLS
+TRACEPOINT_PROBE(syscalls, sys_enter_unlink)
+{
+    return edr_path_op_enter(EDR_FILE_UNLINK, EDR_AT_FDCWD, args->pathname);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_rmdir)
+{
+    return edr_path_op_enter(EDR_FILE_RMDIR, EDR_AT_FDCWD, args->pathname);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_rename)
+{
+    return edr_rename_enter(EDR_AT_FDCWD, args->oldname, EDR_AT_FDCWD, args->newname);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_chmod)
+{
+    return edr_chmod_enter(EDR_AT_FDCWD, args->filename, -1, args->mode);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_chown)
+{
+    return edr_chown_enter(EDR_AT_FDCWD, args->filename, -1, args->user, args->group);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_lchown)
+{
+    return edr_chown_enter(EDR_AT_FDCWD, args->filename, -1, args->user, args->group);
+}
+#endif
+
+/* Emit the stashed operation with its result. */
+static __always_inline int edr_file_exit(long ret)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct edr_file_event *e = file_stash.lookup(&tid);
+
+    if (!e)
+        return 0;
+    int report;
+    if (e->op == EDR_FILE_OPEN)
+        report = ret >= 0;
+    else
+        report = ret == 0 || ret == -EDR_EACCES || ret == -EDR_EPERM;
+    if (report && e->op == EDR_FILE_OPEN) {
+        struct edr_dedup_key k = {};
+        k.tgid = bpf_get_current_pid_tgid() >> 32;
+        k.flags = e->flags;
+        k.hash = edr_path_hash(e->path);
+        __u64 now = bpf_ktime_get_boot_ns();
+        __u64 *last = open_dedup.lookup(&k);
+        if (last && now - *last < EDR_DEDUP_NS)
+            report = 0;
+        else
+            open_dedup.update(&k, &now);
+    }
+    if (report) {
+        edr_header_fill(&e->h, EDR_EV_FILE);
+        e->ret = ret;
+        edr_submit(e, sizeof(*e), EDR_EV_FILE);
+    }
+    file_stash.delete(&tid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_unlinkat) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat2) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmodat) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmod) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchownat) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchown) { return edr_file_exit(args->ret); }
+#ifdef EDR_HAVE_FCHMODAT2
+TRACEPOINT_PROBE(syscalls, sys_exit_fchmodat2) { return edr_file_exit(args->ret); }
+#endif
+#ifdef EDR_HAVE_LEGACY_SYSCALLS
+TRACEPOINT_PROBE(syscalls, sys_exit_open) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_creat) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_unlink) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_rmdir) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_chmod) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_chown) { return edr_file_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_lchown) { return edr_file_exit(args->ret); }
+#endif

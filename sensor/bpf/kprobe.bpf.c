@@ -1,0 +1,62 @@
+/* kprobe.bpf.c: the kprobe tier's enrichment (included by edr.bpf.c with -DEDR_KPROBES).
+ *
+ * UNTESTED HERE: the development and CI kernel has no kprobes (CONFIG_KPROBES unset), so this
+ * file is compiled and exercised only under the QEMU harness with a distribution kernel.
+ * Hooks: kprobe do_exit (the full wait status of the exiting task), kretprobe
+ * inet_csk_accept (the accepted socket's 4-tuple, from struct sock).
+ * Emits: EDR_EV_ACCEPT (with both ends, replacing the syscall-based accept of network.bpf.c);
+ * the exit status feeds EDR_EV_EXIT through exit_state.
+ * Caveats: reads kernel structs, so it is only correct with headers that match the running
+ * kernel; the loader refuses the tier otherwise.
+ */
+#include <net/sock.h>
+
+#define EDR_EXIT_STATUS 8 /* internal: code holds a raw wait status from do_exit */
+
+#ifdef EDR_PROCESS
+int kprobe__do_exit(struct pt_regs *ctx, long code)
+{
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct edr_exit_state st = {};
+    int status = (int)code;
+
+    /* a wait status: low 7 bits the fatal signal, else bits 8-15 the exit code */
+    if (status & 0x7f) {
+        st.signal = status & 0x7f;
+        st.flags = EDR_EXIT_HAVE_SIGNAL | EDR_EXIT_STATUS;
+    } else {
+        st.code = (status >> 8) & 0xff;
+        st.flags = EDR_EXIT_HAVE_CODE | EDR_EXIT_GROUP | EDR_EXIT_STATUS;
+    }
+    exit_state.update(&tgid, &st);
+    return 0;
+}
+#endif
+
+#ifdef EDR_NETWORK
+int kretprobe__inet_csk_accept(struct pt_regs *ctx)
+{
+    struct sock *sk = (struct sock *)PT_REGS_RC(ctx);
+
+    if (!sk || edr_ignored(bpf_get_current_pid_tgid() >> 32))
+        return 0;
+    struct edr_net_event ev = {};
+    edr_header_fill(&ev.h, EDR_EV_ACCEPT);
+    ev.family = sk->__sk_common.skc_family;
+    ev.protocol = EDR_IPPROTO_TCP;
+    ev.sport = sk->__sk_common.skc_num;
+    ev.dport = bpf_ntohs(sk->__sk_common.skc_dport);
+    if (ev.family == EDR_AF_INET) {
+        bpf_probe_read_kernel(ev.saddr, 4, &sk->__sk_common.skc_rcv_saddr);
+        bpf_probe_read_kernel(ev.daddr, 4, &sk->__sk_common.skc_daddr);
+    } else if (ev.family == EDR_AF_INET6) {
+        bpf_probe_read_kernel(ev.saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+        bpf_probe_read_kernel(ev.daddr, 16, &sk->__sk_common.skc_v6_daddr);
+    } else {
+        return 0;
+    }
+    ev.flags = EDR_NET_HAVE_LOCAL | EDR_NET_HAVE_PEER;
+    edr_submit(&ev, sizeof(ev), EDR_EV_ACCEPT);
+    return 0;
+}
+#endif

@@ -1,0 +1,339 @@
+/* process.bpf.c: fork, exec, exit and working-directory changes (included by edr.bpf.c).
+ *
+ * Hooks: sched:sched_process_fork/exec/exit, syscalls:sys_enter_clone/clone3 (to tell threads
+ * from processes), sys_enter/exit_execve(at) (argv), sys_enter_exit(_group) and
+ * signal:signal_deliver (exit status), sys_enter/exit_(f)chdir.
+ * Emits: EDR_EV_FORK, EDR_EV_EXEC, EDR_EV_EXIT, EDR_EV_CHDIR.
+ * Caveats: argv is bounded (EDR_ARGS_MAX_COUNT strings, EDR_ARGS_MAX_BYTES bytes; beyond that
+ * the truncation flag is set). The child's start time is taken at the fork tracepoint, a few
+ * microseconds after the kernel's own stamp, so it can differ from /proc's by one tick.
+ * Exits are reported once per process (group_dead), not per thread.
+ */
+
+#define EDR_CLONE_THREAD 0x00010000ULL
+#define EDR_NS_PER_TICK (1000000000ULL / 100) /* USER_HZ (CLK_TCK) is 100 on Linux */
+#define EDR_EXIT_GROUP 4                     /* internal: the code came from exit_group */
+
+#ifndef EDR_EXEC_STASH_ENTRIES
+#define EDR_EXEC_STASH_ENTRIES 1024 /* execs in flight at once; each entry is ~8.5 KiB */
+#endif
+
+struct edr_exit_state {
+    __s32 code;
+    __s32 signal;
+    __u32 flags;
+};
+
+BPF_PERCPU_ARRAY(exec_scratch, struct edr_exec_event, 1);
+BPF_HASH(exec_stash, __u32, struct edr_exec_event, EDR_EXEC_STASH_ENTRIES);
+BPF_HASH(clone_flags, __u32, __u64, EDR_STASH_ENTRIES);
+BPF_HASH(exit_state, __u32, struct edr_exit_state, EDR_STASH_ENTRIES);
+BPF_HASH(chdir_stash, __u32, struct edr_chdir_event, EDR_STASH_ENTRIES);
+BPF_PERCPU_ARRAY(chdir_scratch, struct edr_chdir_event, 1);
+
+/* -- fork ------------------------------------------------------------------------------- */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_clone)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    __u64 flags = args->clone_flags;
+
+    clone_flags.update(&tid, &flags);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_clone3)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    __u64 flags = 0;
+
+    /* flags is the first member of the user's struct clone_args (a stable uapi layout) */
+    if (bpf_probe_read_user(&flags, sizeof(flags), args->uargs))
+        return 0;
+    clone_flags.update(&tid, &flags);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    __u64 *flags = clone_flags.lookup(&tid);
+
+    if (flags) {
+        int thread = (*flags & EDR_CLONE_THREAD) != 0;
+        clone_flags.delete(&tid);
+        if (thread)
+            return 0;
+    }
+    struct edr_fork_event ev = {};
+    edr_header_fill(&ev.h, EDR_EV_FORK);
+    /* the parent process is the caller's tgid, whichever of its threads forked */
+    ev.ppid = ev.h.pid;
+    ev.child_pid = args->child_pid;
+    ev.child_start_ticks = ev.h.ktime_ns / EDR_NS_PER_TICK;
+    edr_submit(&ev, sizeof(ev), EDR_EV_FORK);
+    return 0;
+}
+
+/* -- exec ------------------------------------------------------------------------------- */
+
+static __always_inline int edr_exec_enter(const char *const *argv)
+{
+    __u32 zero = 0;
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct edr_exec_event *e = exec_scratch.lookup(&zero);
+
+    if (!e)
+        return 0;
+    e->flags = 0;
+    e->args_count = 0;
+    __u32 off = 0;
+    const char *p = NULL;
+    for (int i = 0; i < EDR_ARGS_MAX_COUNT; i++) {
+        if (bpf_probe_read_user(&p, sizeof(p), &argv[i]) || !p)
+            goto done;
+        if (off >= EDR_ARGS_MAX_BYTES) {
+            e->flags |= EDR_EXEC_ARGS_TRUNCATED;
+            goto done;
+        }
+        /* the mask is a no-op (off < MAX) that shows the verifier the read stays in the
+         * 2*MAX buffer */
+        long n = bpf_probe_read_user_str(&e->args[off & (EDR_ARGS_MAX_BYTES - 1)],
+                                         EDR_ARGS_MAX_BYTES, p);
+        if (n <= 0)
+            goto done;
+        if (n >= EDR_ARGS_MAX_BYTES)
+            e->flags |= EDR_EXEC_ARGS_TRUNCATED;
+        off += n;
+        e->args_count += 1;
+    }
+    /* all EDR_ARGS_MAX_COUNT slots used: is there one more? */
+    if (!bpf_probe_read_user(&p, sizeof(p), &argv[EDR_ARGS_MAX_COUNT]) && p)
+        e->flags |= EDR_EXEC_ARGS_TRUNCATED;
+done:
+    if (off > EDR_ARGS_MAX_BYTES) {
+        off = EDR_ARGS_MAX_BYTES;
+        e->flags |= EDR_EXEC_ARGS_TRUNCATED;
+    }
+    e->args_size = off;
+    if (exec_stash.update(&tid, e))
+        edr_count_drop(EDR_EV_EXEC); /* stash full: the exec is still reported, without argv */
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+    return edr_exec_enter(args->argv);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+    return edr_exec_enter(args->argv);
+}
+
+/* Runs after the point of no return, in the new image; for an exec from a non-leader thread
+ * the caller has already taken over the leader's pid and old_pid is its former tid. */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    __u32 zero = 0;
+    __u32 old_pid = args->old_pid;
+    struct edr_exec_event *e = exec_stash.lookup(&old_pid);
+
+    if (!e) {
+        e = exec_scratch.lookup(&zero);
+        if (!e)
+            return 0;
+        e->flags = EDR_EXEC_NO_ARGS;
+        e->args_count = 0;
+        e->args_size = 0;
+    }
+    edr_header_fill(&e->h, EDR_EV_EXEC);
+    e->old_pid = old_pid;
+    TP_DATA_LOC_READ_STR(e->filename, filename, EDR_PATH_LEN);
+    __u32 size = e->args_size;
+    if (size > EDR_ARGS_MAX_BYTES)
+        size = EDR_ARGS_MAX_BYTES;
+    edr_submit(e, offsetof(struct edr_exec_event, args) + size, EDR_EV_EXEC);
+    exec_stash.delete(&old_pid);
+    /* signals seen while other threads were torn down by this exec are not an exit status */
+    __u32 tgid = e->h.pid;
+    exit_state.delete(&tgid);
+    return 0;
+}
+
+static __always_inline int edr_exec_exit(long ret)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+
+    if (ret < 0)
+        exec_stash.delete(&tid); /* failed exec: nothing will consume the stash */
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execve)
+{
+    return edr_exec_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat)
+{
+    return edr_exec_exit(args->ret);
+}
+
+/* -- exit ------------------------------------------------------------------------------- */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
+{
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct edr_exit_state st = {};
+
+    st.code = args->error_code & 0xff;
+    st.flags = EDR_EXIT_HAVE_CODE | EDR_EXIT_GROUP;
+    exit_state.update(&tgid, &st);
+    return 0;
+}
+
+/* A thread's own exit(2): the process status only if it turns out to be the last thread. */
+TRACEPOINT_PROBE(syscalls, sys_enter_exit)
+{
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct edr_exit_state *cur = exit_state.lookup(&tgid);
+
+    if (cur) {
+        if (!(cur->flags & EDR_EXIT_GROUP)) {
+            cur->code = args->error_code & 0xff;
+            cur->flags |= EDR_EXIT_HAVE_CODE;
+        }
+        return 0;
+    }
+    struct edr_exit_state st = {};
+    st.code = args->error_code & 0xff;
+    st.flags = EDR_EXIT_HAVE_CODE;
+    exit_state.update(&tgid, &st);
+    return 0;
+}
+
+static __always_inline int edr_default_is_fatal(int sig)
+{
+    /* default action ignore (CHLD, URG, WINCH), continue (CONT) or stop (STOP, TSTP, TTIN,
+     * TTOU) */
+    return !(sig == 17 || sig == 18 || sig == 19 || sig == 20 || sig == 21 || sig == 22 ||
+             sig == 23 || sig == 28);
+}
+
+/* Fires in the receiving task as it acts on a signal. With the default handler and a fatal
+ * default action the process is dying of it. */
+TRACEPOINT_PROBE(signal, signal_deliver)
+{
+    int sig = args->sig;
+
+    if (args->sa_handler != 0 || sig <= 0 || sig >= 65 || !edr_default_is_fatal(sig))
+        return 0;
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct edr_exit_state *cur = exit_state.lookup(&tgid);
+    if (cur) {
+        /* after exit_group the other threads get SIGKILL: that is not the status */
+        if (!(cur->flags & EDR_EXIT_GROUP)) {
+            cur->signal = sig;
+            cur->flags |= EDR_EXIT_HAVE_SIGNAL;
+        }
+        return 0;
+    }
+    struct edr_exit_state st = {};
+    st.signal = sig;
+    st.flags = EDR_EXIT_HAVE_SIGNAL;
+    exit_state.update(&tgid, &st);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)id;
+    __u32 tgid = id >> 32;
+
+    clone_flags.delete(&tid);
+    chdir_stash.delete(&tid);
+#ifdef EDR_HAVE_GROUP_DEAD
+    if (!args->group_dead)
+        return 0;
+#else
+    /* older kernels lack group_dead: the leader's exit is the best available signal */
+    if (tid != tgid)
+        return 0;
+#endif
+    struct edr_exit_event ev = {};
+    edr_header_fill(&ev.h, EDR_EV_EXIT);
+    struct edr_exit_state *st = exit_state.lookup(&tgid);
+    if (st) {
+        if (st->flags & EDR_EXIT_GROUP) {
+            ev.exit_code = st->code;
+            ev.flags = EDR_EXIT_HAVE_CODE;
+        } else if (st->flags & EDR_EXIT_HAVE_SIGNAL) {
+            ev.signal = st->signal;
+            ev.flags = EDR_EXIT_HAVE_SIGNAL;
+        } else if (st->flags & EDR_EXIT_HAVE_CODE) {
+            ev.exit_code = st->code;
+            ev.flags = EDR_EXIT_HAVE_CODE;
+        }
+        exit_state.delete(&tgid);
+    }
+    edr_submit(&ev, sizeof(ev), EDR_EV_EXIT);
+    return 0;
+}
+
+/* -- working directory (keeps the table's cwd right for relative paths) ------------------ */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_chdir)
+{
+    __u32 zero = 0;
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct edr_chdir_event *e = chdir_scratch.lookup(&zero);
+
+    if (!e)
+        return 0;
+    e->fd = -1;
+    if (bpf_probe_read_user_str(e->path, sizeof(e->path), args->filename) <= 0)
+        return 0;
+    chdir_stash.update(&tid, e);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fchdir)
+{
+    __u32 zero = 0;
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct edr_chdir_event *e = chdir_scratch.lookup(&zero);
+
+    if (!e)
+        return 0;
+    e->fd = args->fd;
+    e->path[0] = 0;
+    chdir_stash.update(&tid, e);
+    return 0;
+}
+
+static __always_inline int edr_chdir_exit(long ret)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct edr_chdir_event *e = chdir_stash.lookup(&tid);
+
+    if (!e)
+        return 0;
+    if (ret == 0) {
+        edr_header_fill(&e->h, EDR_EV_CHDIR);
+        edr_submit(e, sizeof(*e), EDR_EV_CHDIR);
+    }
+    chdir_stash.delete(&tid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_chdir)
+{
+    return edr_chdir_exit(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_fchdir)
+{
+    return edr_chdir_exit(args->ret);
+}
