@@ -226,7 +226,19 @@ class _Builder:
         tests: list[tuple[TextTest | _Plain, int]] = []
         cased = False
         for v in values:
-            text = _text_test(v)
+            # Keywords are a full-text search over a log line in Sigma; a keyword without
+            # wildcards therefore matches as a substring of a field, not the whole field.
+            if isinstance(v, SigmaString) and not v.contains_special():
+                plain = "".join(str(p) for p in v.s)
+                cased_kw = isinstance(v, SigmaCasedString)
+                needle = plain if cased_kw else plain.lower()
+                text: tuple[TextTest | _Plain, bool, int] | None = (
+                    _Plain("in", needle),
+                    cased_kw,
+                    _COST_CONTAINS,
+                )
+            else:
+                text = _text_test(v)
             if text is None:
                 raise UnsupportedRule(f"unsupported keyword value type {type(v).__name__}")
             test, c, cost = text

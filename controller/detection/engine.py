@@ -205,7 +205,10 @@ class DetectionEngine:
             return
         try:
             collection = SigmaCollection.from_yaml(
-                text, collect_errors=True, source=SigmaRuleLocation(path)
+                text,
+                collect_errors=True,
+                source=SigmaRuleLocation(path),
+                resolve_references=False,  # correlations are refused anyway
             )
         except yaml.YAMLError as e:
             problem(None, ProblemKind.ERROR, f"YAML error: {_one_line(e)}")
