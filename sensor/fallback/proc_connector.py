@@ -1,9 +1,12 @@
 """Process events from the netlink proc connector: fork, exec and exit, no BPF needed.
 
 The kernel multicasts one message per fork/exec/exit to listeners of ``CN_IDX_PROC``.
-Subscribing needs CAP_NET_ADMIN in the initial user and pid namespaces; without it the
-kernel refuses with EPERM and the runner should use :class:`ProcPollSource` instead
-(:func:`sensor.fallback.choose_process_source` makes that choice).
+Subscribing is answered only for callers in the initial user and pid namespaces (others are
+ignored silently, which :func:`_subscribe` detects by the missing answer); older kernels also
+demand CAP_NET_ADMIN and answer EPERM. *Measured* on kernel 6.18 here: an unprivileged user
+(``nobody``) in the initial namespaces is allowed to subscribe and receives every event.
+When refused, the runner uses :class:`ProcPollSource` instead
+(:func:`sensor.fallback.choose_process_source` makes that choice and says why).
 
 Why a raw ``socket(AF_NETLINK, SOCK_DGRAM, NETLINK_CONNECTOR)`` and not pyroute2's
 ``ProcEventSocket``: in pyroute2 0.9.7 a receive error such as ENOBUFS (the socket buffer
@@ -60,6 +63,7 @@ _ACK = struct.Struct("=I")  # event_data.ack.err for PROC_EVENT_NONE
 
 RCVBUF_BYTES = 8 << 20
 POLL_TIMEOUT_S = 0.2
+ACK_TIMEOUT_S = 1.0
 DRAIN_MAX = 4096  # messages per batch, so a storm cannot starve the stop check
 KTHREADD_PID = 2
 
@@ -109,7 +113,9 @@ def decode(datagram: bytes) -> list[ProcMessage]:
     return out
 
 
-def _decode_event(buf: bytes, start: int, end: int) -> ProcMessage | None:
+def _decode_event(whole: bytes, start: int, end: int) -> ProcMessage | None:
+    # Only this message's bytes: a record cut short must not borrow the next message's.
+    buf = memoryview(whole)[:end]
     if start + _CN_MSG.size + _EVENT_HEAD.size > end:
         return None
     idx, val, *_ = _CN_MSG.unpack_from(buf, start)
@@ -145,7 +151,7 @@ def split_status(status: int) -> tuple[int | None, int | None, bool]:
 
 
 class ProcConnectorSource(Source):
-    """fork/exec/exit from the proc connector (root: CAP_NET_ADMIN in the initial namespaces).
+    """fork/exec/exit from the proc connector (initial namespaces; CAP_NET_ADMIN on old kernels).
 
     Every process is seen, however short-lived, but argv/executable/cwd come from /proc after
     the fact. ENOBUFS on the socket means the kernel discarded events because we fell behind:
@@ -343,25 +349,36 @@ def _subscribe(rcvbuf: int) -> socket.socket:
         sock.bind((0, CN_IDX_PROC))
         sock.send(control_message(PROC_CN_MCAST_LISTEN))
         # The kernel answers the subscription with a PROC_EVENT_NONE carrying an error code.
-        sock.settimeout(1.0)
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
+        # No answer at all means it ignored us: requests from outside the initial user and
+        # pid namespaces are dropped silently, and then no events would ever arrive.
+        sock.settimeout(ACK_TIMEOUT_S)
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        acked = False
+        while not acked and time.monotonic() < deadline:
             try:
                 data = sock.recv(65536)
             except TimeoutError:
                 break
-            acks = [m for m in decode(data) if m.what == PROC_EVENT_NONE]
-            if acks:
-                if acks[0].ack_err:
-                    err = acks[0].ack_err
-                    raise OSError(err, os.strerror(err))
-                break
+            for msg in decode(data):
+                if msg.what == PROC_EVENT_NONE:
+                    if msg.ack_err:
+                        raise OSError(msg.ack_err, os.strerror(msg.ack_err))
+                    acked = True
+                    break
+        if not acked:
+            raise TierUnavailable(
+                "proc connector did not answer the subscription (not in the initial user and "
+                "pid namespaces?)"
+            )
         sock.settimeout(None)
         sock.setblocking(False)
+    except TierUnavailable:
+        sock.close()
+        raise
     except OSError as exc:
         sock.close()
         why = exc.strerror or str(exc)
         if exc.errno in (errno.EPERM, errno.EACCES):
-            why = "needs CAP_NET_ADMIN in the initial user and pid namespaces"
-        raise TierUnavailable(f"proc connector refused ({why}); use /proc polling") from exc
+            why = "EPERM: this kernel needs CAP_NET_ADMIN in the initial user namespace"
+        raise TierUnavailable(f"proc connector refused ({why})") from exc
     return sock
