@@ -143,7 +143,6 @@ class BackplaneServer:
         # sensor reconnects at once instead of waiting for its dead-peer timeout.
         self._closed: OrderedDict[bytes, None] = OrderedDict()
         self._sock: zmq.asyncio.Socket | None = None
-        self._tx: zmq.Socket[bytes] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.endpoint: str | None = None
         self.refused = 0  # handshakes refused, for metrics and tests
@@ -162,9 +161,6 @@ class BackplaneServer:
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.bind(self.config.endpoint)
         self._sock = sock
-        # Sends go through a synchronous shadow so records leave in exactly the order TLS
-        # produced them, without awaiting (a full peer queue means a stuck peer: drop it).
-        self._tx = zmq.Socket.shadow(sock.underlying)
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._tasks = [
             asyncio.create_task(self._recv_loop(), name="backplane-recv"),
@@ -350,6 +346,9 @@ class BackplaneServer:
                                     f"(this controller speaks {PROTOCOL_VERSION})")
             conn.hello = msg
             await self.hooks.on_hello(host, msg, conn.peer)
+            # A TLS 1.3 client cannot tell from the handshake alone that we accepted its
+            # certificate; this first heartbeat tells it.
+            self._send_msg(conn, Heartbeat())
             await self._push_policy(conn)
             await self._push_commands(conn)
             return
@@ -413,11 +412,14 @@ class BackplaneServer:
             self._send(conn.rid, data)
 
     def _send(self, rid: bytes, data: bytes) -> None:
-        if self._tx is None:
+        if self._sock is None:
             return
-        try:
-            self._tx.send_multipart([rid, data], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
+        # DONTWAIT through the asyncio socket: it completes (or fails) at once, keeps records in
+        # the order TLS produced them, and lets pyzmq re-arm its edge-triggered wake-ups (a
+        # separate shadow socket would swallow them and stall the receive loop).
+        fut = self._sock.send_multipart([rid, data], flags=zmq.NOBLOCK)
+        exc = fut.exception() if fut.done() else None
+        if isinstance(exc, zmq.ZMQError):
             conn = self.sessions.get(rid)
             # EHOSTUNREACH: the peer is gone; EAGAIN: its queue is full, it is stuck.
             if conn is not None and not conn.closed:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ class Pki:
     """A CA and its files in one directory; keys are written 0600."""
 
     dir: Path
-    ca: CertificateAuthority = field(default_factory=CertificateAuthority.create)
+    # Created a year ago, so tests can issue certificates that have already expired.
+    ca: CertificateAuthority = field(default_factory=lambda: CertificateAuthority.create(
+        now=datetime.now(UTC) - timedelta(days=365)))
     revoked: list[tuple[int, datetime]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
