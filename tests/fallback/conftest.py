@@ -35,13 +35,15 @@ def _python() -> str:
 
 
 def _command(user: str, argv: list[str]) -> list[str]:
-    """``root``; ``nobody``; ``nobody-userns``: nobody inside a new user namespace."""
+    """``root``; ``nobody``; ``nobody-userns[-root]``: nobody inside a new user namespace."""
     if user == "root":
         return argv
     if user == "nobody":
         return [*SETPRIV, *argv]
     if user == "nobody-userns":
         return [*SETPRIV, "unshare", "--user", *argv]
+    if user == "nobody-userns-root":  # mapped to root inside: may set that namespace's limits
+        return [*SETPRIV, "unshare", "--user", "--map-root-user", *argv]
     raise ValueError(user)
 
 

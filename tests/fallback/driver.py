@@ -223,6 +223,10 @@ def scenario_file(args: dict[str, Any]) -> dict[str, Any]:
 
 def scenario_file_open(args: dict[str, Any]) -> dict[str, Any]:
     """Only open(): the watch-path failure cases."""
+    if "watch_limit" in args:
+        # Per user namespace since Linux 5.11: lowering it here touches nothing outside.
+        with open("/proc/sys/user/max_inotify_watches", "w") as f:
+            f.write(str(int(args["watch_limit"])))
     events: list[Event] = []
     src = InotifyFileSource(make_ctx(events, tuple(args["watch"])), ALL)
     try:
