@@ -42,10 +42,12 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
                 return None
         except ValueError:
             pass  # Sanic itself rejects a malformed Content-Length before we get here
+    # For stream=True routes this is Sanic's Http object; its read() is not in the type.
+    stream: Any = request.stream
     chunks: list[bytes] = []
     size = 0
-    while True:
-        chunk = await request.stream.read() if request.stream else None
+    while stream is not None:
+        chunk = await stream.read()
         if chunk is None:
             break
         size += len(chunk)

@@ -258,3 +258,27 @@ def test_fingerprint_formats() -> None:
     assert sensor_enroll.normalize_fingerprint(":".join(["AB"] * 32)) == fp.lower()
     with pytest.raises(sensor_enroll.EnrollError, match="64-hex"):
         sensor_enroll.normalize_fingerprint("abc")
+
+
+def test_cli_main(server: Server, store: PKIStore, tmp_path: Path, capsys) -> None:
+    """``add_arguments``/``main`` as the lead mounts them under ``edr-sensor enroll``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="edr-sensor enroll")
+    sensor_enroll.add_arguments(parser)
+    token = store.create_token(timedelta(hours=1), 1)
+    base = ["--controller", f"127.0.0.1:{server.port}", "--ca-sha256", _fp(store),
+            "--state-dir", str(tmp_path / "s")]
+    assert sensor_enroll.main(parser.parse_args([*base, "--token", token])) == 0
+    assert "enrolled as host" in capsys.readouterr().out
+    assert sensor_enroll.main(parser.parse_args([*base, "--token", token, "--force"])) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["edr-sensor enroll: error: controller refused enrollment (HTTP 403): "
+                   "invalid or expired token"]
+    # The failed forced re-enrollment left the working identity untouched.
+    assert pki.host_id_of(x509.load_pem_x509_certificate(
+        (tmp_path / "s" / "sensor.pem").read_bytes())) == (tmp_path / "s" / "host_id"
+                                                           ).read_text().strip()
+    bad_fp = [*base[:3], "nothex", *base[4:], "--token", token]
+    assert sensor_enroll.main(parser.parse_args(bad_fp)) == 1
+    assert "64-hex" in capsys.readouterr().err
