@@ -418,6 +418,13 @@ def _on_exec(src: TracepointSource, raw: bytes) -> None:
     table = src.ctx.table
     known = table.get(r.h.pid)
     executable = resolve_path(r.filename, known.cwd if known else None) if r.filename else None
+    if executable and executable.startswith("/"):
+        # the kernel reports the name as called (/bin/true); symlinks resolved, it matches
+        # /proc/<pid>/exe and what the other tiers report (/usr/bin/true)
+        executable = os.path.realpath(executable)
+    # The table reads /proc/<pid>/cwd, which is "now", possibly after later chdirs still in
+    # the ring; the cwd inherited at fork and kept by chdir events is right for this moment.
+    cwd_then = known.cwd if known else None
     info = table.exec(
         r.h.pid,
         executable=executable if executable and executable.startswith("/") else None,
@@ -427,6 +434,8 @@ def _on_exec(src: TracepointSource, raw: bytes) -> None:
         gid=r.h.gid,
         comm=r.h.comm,
     )
+    if cwd_then is not None:
+        table.chdir(r.h.pid, cwd_then)
     if Family.PROCESS in src.enabled:
         ev = src.event(Action.EXEC, info, epoch_ns=src._epoch(r.h))
         if r.old_pid != r.h.pid:
@@ -731,7 +740,7 @@ class TracepointSource(Source):
             ) from exc
         try:
             self._fill_maps()
-            self._bpf["events"].open_ring_buffer(self._collect)
+            self._bpf[b"events"].open_ring_buffer(self._collect)
         except Exception:
             self.close()
             raise
@@ -739,13 +748,13 @@ class TracepointSource(Source):
 
     def _fill_maps(self) -> None:
         bpf = self._bpf
-        ignored = bpf["ignored_tgids"]
+        ignored = bpf[b"ignored_tgids"]
         for pid in self.ctx.ignored_pids:
             ignored[ignored.Key(pid)] = ignored.Leaf(1)
         if Family.FILE in self.enabled:
             filters = self.ctx.filters
-            self._fill_prefixes(bpf["exclude_prefixes"], filters.exclude_prefixes)
-            self._fill_prefixes(bpf["sensitive_prefixes"], filters.sensitive_read_prefixes)
+            self._fill_prefixes(bpf[b"exclude_prefixes"], filters.exclude_prefixes)
+            self._fill_prefixes(bpf[b"sensitive_prefixes"], filters.sensitive_read_prefixes)
 
     @staticmethod
     def _fill_prefixes(trie: Any, prefixes: Iterable[str]) -> None:
@@ -758,7 +767,7 @@ class TracepointSource(Source):
                 )
             key = trie.Key()
             key.prefixlen = len(data) * 8
-            ctypes.memmove(ctypes.addressof(key.data), data, len(data))
+            key.data = data  # a c_char array field takes bytes, zero-filled after
             trie[key] = trie.Leaf(1)
 
     def _collect(self, _ctx: Any, data: Any, size: int) -> int:
@@ -842,7 +851,7 @@ class TracepointSource(Source):
         return out
 
     def _read_counters(self, bpf: Any) -> None:
-        table = bpf["counters"]
+        table = bpf[b"counters"]
         submitted = dropped = 0
         per_type: dict[str, int] = {}
         for kind in EventType:

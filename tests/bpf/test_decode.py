@@ -1,0 +1,333 @@
+"""Decoding of raw ring-buffer records, built with struct.pack (no root, no BPF)."""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from backplane.schema import Family, Tier
+from sensor import ebpf
+from sensor.capture import CaptureContext
+from sensor.ebpf import EventType, FileOp, TracepointSource
+from sensor.process_table import ProcessTable
+
+HDR = ebpf.HEADER.struct
+BOOT_EPOCH = 1_700_000_000 * 10**9
+
+
+def header(
+    kind: int, pid: int, *, uid: int = 1000, gid: int = 1000, comm: bytes = b"prog"
+) -> bytes:
+    return HDR.pack(kind, pid, pid, uid, gid, 0, 5_000_000_000, comm)
+
+
+def exec_record(pid: int, filename: bytes, args: bytes, count: int, flags: int = 0) -> bytes:
+    fixed = struct.pack("<IIII256s", pid, flags, count, len(args), filename)
+    return header(EventType.EXEC, pid) + fixed + args
+
+
+def file_record(
+    pid: int,
+    op: FileOp,
+    path: bytes,
+    *,
+    flags: int = 0,
+    dfd: int = -100,
+    fd: int = -1,
+    mode: int = 0,
+    owner: tuple[int, int] = (0xFFFFFFFF, 0xFFFFFFFF),
+    ret: int = 0,
+    path2: bytes = b"",
+    dfd2: int = -100,
+) -> bytes:
+    body = struct.pack(
+        "<IIiiiIIIq256s256s", op, flags, dfd, dfd2, fd, mode, owner[0], owner[1], ret, path, path2
+    )
+    return header(EventType.FILE, pid) + body
+
+
+def net_record(
+    kind: EventType,
+    pid: int,
+    family: int,
+    proto: int,
+    local: tuple[bytes, int],
+    remote: tuple[bytes, int],
+    flags: int = 3,
+    ret: int = 0,
+) -> bytes:
+    body = struct.pack(
+        "<HHHH16s16siI", family, proto, local[1], remote[1], local[0], remote[0], ret, flags
+    )
+    return header(kind, pid) + body
+
+
+@pytest.fixture
+def source() -> tuple[TracepointSource, list[dict]]:
+    events: list[dict] = []
+    table = ProcessTable("test-host", boot_ns_to_epoch_ns=BOOT_EPOCH)
+    ctx = CaptureContext(
+        host={"id": "test-host"}, table=table, emit=events.append, ignored_pids={os.getpid()}
+    )
+    return TracepointSource(ctx, frozenset(Family)), events
+
+
+# pids far above pid_max so /proc never answers for them
+PID, PARENT = 4_000_001, 4_000_000
+
+
+def test_mirror_sizes_match_the_header_constants() -> None:
+    assert ebpf.HEADER.size == 48
+    assert ebpf.EXEC.size == 48 + 16 + 256 + 2 * 4096
+    assert ebpf.FILE.size == 48 + 40 + 512
+    assert ebpf.NET.size == 48 + 8 + 32 + 8
+
+
+def test_event_type_enum_mirrors_events_h() -> None:
+    text = (ebpf.BPF_DIR / "events.h").read_text()
+    c_types = {m[0]: int(m[1]) for m in re.findall(r"EDR_EV_([A-Z]+) = (\d+)", text)}
+    assert c_types.pop("MAX") == ebpf.EVENT_TYPE_MAX
+    assert c_types == {t.name: t.value for t in EventType}
+    c_ops = {m[0]: int(m[1]) for m in re.findall(r"EDR_FILE_([A-Z]+) = (\d+)", text)}
+    assert c_ops == {o.name: o.value for o in FileOp}
+
+
+def test_fork_then_exec_then_exit(source) -> None:
+    src, events = source
+    src.handle_record(header(EventType.FORK, PARENT) + struct.pack("<IIQ", PARENT, PID, 1234))
+    args = b"/bin/true\0--marker\0two words\0"
+    src.handle_record(exec_record(PID, b"/bin/true", args, 3))
+    src.handle_record(header(EventType.EXIT, PID) + struct.pack("<iiII", 3, 0, 1, 0))
+    assert [e["event"]["action"] for e in events] == ["fork", "exec", "exit"]
+    fork, ex, exit_ = events
+    assert fork["process"]["pid"] == PID and fork["process"]["parent"]["pid"] == PARENT
+    assert ex["process"]["args"] == ["/bin/true", "--marker", "two words"]
+    assert ex["process"]["executable"] == os.path.realpath("/bin/true")
+    assert ex["process"]["entity_id"] == fork["process"]["entity_id"]
+    assert ex["user"]["id"] == "1000"
+    assert ex["@timestamp"].startswith("2023-11-14T22:13:25.000000")  # boot epoch + 5 s
+    assert exit_["process"]["exit_code"] == 3
+    assert src.decode_errors == 0
+
+
+def test_truncated_argv_keeps_the_cut_string(source) -> None:
+    src, events = source
+    args = b"a" * 4000 + b"\0" + b"b" * 95  # cut at the 4096-byte bound, no final NUL
+    src.handle_record(exec_record(PID, b"/usr/bin/x", args, 2, flags=ebpf.EXEC_ARGS_TRUNCATED))
+    proc = events[0]["process"]
+    assert proc["args"] == ["a" * 4000, "b" * 95]
+    assert proc["args_truncated"] is True
+
+
+def test_exec_without_stashed_args_reads_nothing_wrong(source) -> None:
+    src, events = source
+    src.handle_record(exec_record(PID, b"/usr/bin/x", b"", 0, flags=ebpf.EXEC_NO_ARGS))
+    assert events[0]["process"]["executable"] == "/usr/bin/x"
+    assert "args" not in events[0]["process"]  # the pid has no /proc entry to read
+
+
+def test_relative_exec_resolves_against_cwd(source) -> None:
+    src, events = source
+    src.ctx.table.fork(PARENT, PID, 1)
+    src.ctx.table.chdir(PID, "/opt/tools")
+    src.handle_record(exec_record(PID, b"./run", b"./run\0", 1))
+    assert events[0]["process"]["executable"] == "/opt/tools/run"
+
+
+def test_killed_process_reports_the_signal(source) -> None:
+    src, events = source
+    src.handle_record(header(EventType.EXIT, PID) + struct.pack("<iiII", 0, 9, 2, 0))
+    assert events[0]["process"]["exit_code"] == -9
+    assert events[0]["edr"]["exit_signal"] == 9
+
+
+def test_chdir_updates_cwd_for_relative_file_paths(source) -> None:
+    src, events = source
+    src.ctx.table.fork(PARENT, PID, 1)
+    src.ctx.table.chdir(PID, "/srv")
+    src.handle_record(header(EventType.CHDIR, PID) + struct.pack("<iI256s", -1, 0, b"data/../www"))
+    assert src.ctx.table.get(PID).cwd == "/srv/www"
+    src.handle_record(file_record(PID, FileOp.OPEN, b"index.html", flags=0o1101, mode=0o644))
+    ev = events[0]
+    assert ev["event"]["action"] == "create"
+    assert ev["file"]["path"] == "/srv/www/index.html"
+    assert ev["file"]["directory"] == "/srv/www"
+
+
+@pytest.mark.parametrize(
+    ("op", "flags", "action"),
+    [
+        (FileOp.OPEN, 0o1, "write"),
+        (FileOp.OPEN, 0o1000, "write"),
+        (FileOp.OPEN, 0o101, "create"),
+        (FileOp.OPEN, 0o0, "open"),
+        (FileOp.UNLINK, 0, "delete"),
+        (FileOp.RMDIR, 0, "delete"),
+    ],
+)
+def test_file_actions(source, op, flags, action) -> None:
+    src, events = source
+    src.handle_record(file_record(PID, op, b"/etc/thing", flags=flags))
+    assert events[0]["event"]["action"] == action
+    assert events[0]["event"]["outcome"] == "success"
+
+
+def test_rename_chmod_chown_and_denied(source) -> None:
+    src, events = source
+    src.handle_record(file_record(PID, FileOp.RENAME, b"/tmp/a", path2=b"/tmp/b"))
+    src.handle_record(file_record(PID, FileOp.CHMOD, b"/tmp/b", mode=0o104755))
+    src.handle_record(file_record(PID, FileOp.CHOWN, b"/tmp/b", owner=(12, 0xFFFFFFFF)))
+    src.handle_record(file_record(PID, FileOp.UNLINK, b"/etc/shadow", ret=-13))
+    ren, chm, cho, den = events
+    assert ren["file"]["path"] == "/tmp/b"
+    assert ren["file"]["Ext"]["original"]["path"] == "/tmp/a"
+    assert chm["file"]["mode"] == "4755"
+    assert cho["file"]["uid"] == "12" and "gid" not in cho["file"]
+    assert den["event"]["outcome"] == "failure" and den["edr"]["errno"] == 13
+
+
+def test_unresolvable_dirfd_path_is_flagged(source) -> None:
+    src, events = source
+    src.handle_record(file_record(PID, FileOp.UNLINK, b"x.txt", dfd=7))
+    assert events[0]["file"]["path"] == "x.txt"
+    assert events[0]["edr"]["path_unresolved"] is True
+
+
+def test_user_space_filters_apply_after_resolution(source) -> None:
+    src, events = source
+    src.ctx.table.fork(PARENT, PID, 1)
+    src.ctx.table.chdir(PID, "/proc/self")
+    src.handle_record(file_record(PID, FileOp.OPEN, b"comm", flags=1))
+    src.handle_record(file_record(os.getpid(), FileOp.OPEN, b"/tmp/own", flags=1))
+    assert events == []
+    assert src.filtered == 1
+
+
+def test_tcp_connect_ipv4(source) -> None:
+    src, events = source
+    rec = net_record(
+        EventType.CONNECT,
+        PID,
+        2,
+        6,
+        (bytes([127, 0, 0, 1]) + bytes(12), 40000),
+        (bytes([10, 1, 2, 3]) + bytes(12), 443),
+    )
+    src.handle_record(rec)
+    ev = events[0]
+    assert ev["event"]["action"] == "connect"
+    assert ev["network"] == {"transport": "tcp", "type": "ipv4", "direction": "egress"}
+    assert ev["source"] == {"ip": "127.0.0.1", "port": 40000}
+    assert ev["destination"] == {"ip": "10.1.2.3", "port": 443}
+
+
+def test_accept_ipv6_and_v4_mapped(source) -> None:
+    src, events = source
+    loop6 = bytes(15) + b"\x01"
+    mapped = bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 7])
+    src.handle_record(net_record(EventType.ACCEPT, PID, 10, 6, (loop6, 8080), (loop6, 51000)))
+    src.handle_record(net_record(EventType.ACCEPT, PID, 10, 6, (mapped, 8080), (mapped, 5)))
+    v6, v4 = events
+    assert v6["source"] == {"ip": "::1", "port": 51000}
+    assert v6["destination"] == {"ip": "::1", "port": 8080}
+    assert v6["network"]["type"] == "ipv6" and v6["network"]["direction"] == "ingress"
+    assert v4["source"]["ip"] == "192.0.2.7" and v4["network"]["type"] == "ipv4"
+
+
+def test_udp_connect_and_listen(source) -> None:
+    src, events = source
+    dst = bytes([8, 8, 8, 8]) + bytes(12)
+    src.handle_record(
+        net_record(
+            EventType.CONNECT, PID, 2, 17, (bytes(16), 0), (dst, 53), flags=ebpf.NET_HAVE_PEER
+        )
+    )
+    src.handle_record(
+        net_record(
+            EventType.LISTEN, PID, 2, 6, (bytes(16), 22), (bytes(16), 0), flags=ebpf.NET_HAVE_LOCAL
+        )
+    )
+    udp, listen = events
+    assert udp["network"]["transport"] == "udp" and "source" not in udp
+    assert udp["destination"] == {"ip": "8.8.8.8", "port": 53}
+    assert listen["event"]["action"] == "listen"
+    assert listen["destination"] == {"ip": "0.0.0.0", "port": 22}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x01\x00",
+        struct.pack("<I", 99) + bytes(100),
+        header(EventType.FORK, PID),  # body missing
+        exec_record(PID, b"/x", b"abc\0", 1)[:-2],  # shorter than args_size says
+        header(EventType.EXEC, PID) + struct.pack("<IIII256s", PID, 0, 1, 9999, b"/x"),
+        file_record(PID, 42, b"/tmp/x"),  # type: ignore[arg-type]
+        net_record(EventType.CONNECT, PID, 1, 6, (bytes(16), 1), (bytes(16), 2)),
+        net_record(EventType.CONNECT, PID, 2, 99, (bytes(16), 1), (bytes(16), 2)),
+    ],
+)
+def test_bad_records_are_counted_not_fatal(source, raw) -> None:
+    src, events = source
+    src.handle_record(raw)
+    assert events == []
+    assert src.decode_errors == 1
+    # the source keeps working after a bad record
+    src.handle_record(header(EventType.EXIT, PID) + struct.pack("<iiII", 0, 0, 1, 0))
+    assert len(events) == 1
+
+
+def test_handler_errors_are_counted(source) -> None:
+    src, _events = source
+
+    def broken_emit(ev: dict) -> None:
+        raise RuntimeError("downstream failed")
+
+    src.ctx.emit = broken_emit
+    src.handle_record(header(EventType.EXIT, PID) + struct.pack("<iiII", 0, 0, 1, 0))
+    assert src.handler_errors == 1
+
+
+def test_duplicate_handler_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="two handlers for EXIT"):
+        ebpf.handles(EventType.EXIT)(lambda src, raw: None)
+
+
+def test_every_event_type_has_a_handler() -> None:
+    assert all(ebpf.handler_for(t) is not None for t in EventType)
+
+
+def test_source_text_inlines_families_and_names_them_in_cflags() -> None:
+    text, cflags = ebpf.bpf_source_text({Family.FILE, Family.NETWORK}, Tier.TRACEPOINT)
+    assert '#line 1 "file.bpf.c"' in text and '#line 1 "network.bpf.c"' in text
+    assert "-DEDR_FILE=1" in cflags and "-DEDR_NETWORK=1" in cflags
+    assert "-DEDR_PROCESS=1" not in cflags and "-DEDR_KPROBES=1" not in cflags
+    assert f"-I{ebpf.BPF_DIR}" in cflags
+    assert not re.search(r'^#include "\w+\.bpf\.c"', text, re.MULTILINE)
+    _, kcflags = ebpf.bpf_source_text({Family.PROCESS}, Tier.KPROBE)
+    assert "-DEDR_KPROBES=1" in kcflags
+
+
+def test_source_text_refuses_bad_requests() -> None:
+    with pytest.raises(ValueError, match="no BPF programs"):
+        ebpf.bpf_source_text({Family.PROCESS}, Tier.FALLBACK)
+    with pytest.raises(ValueError, match="non-empty"):
+        ebpf.bpf_source_text(set(), Tier.TRACEPOINT)
+
+
+def test_every_bpf_file_opens_with_a_header_comment() -> None:
+    for path in Path(ebpf.BPF_DIR).glob("*.bpf.c"):
+        assert path.read_text().startswith(f"/* {path.name}:"), path
+
+
+def test_bad_prefix_is_refused() -> None:
+    class Trie:
+        Key = Leaf = None
+
+    with pytest.raises(ebpf.TierUnavailable, match="absolute"):
+        TracepointSource._fill_prefixes(Trie(), ["relative/"])
