@@ -163,10 +163,16 @@ class ProcConnectorSource(Source):
     families: ClassVar[frozenset[Family]] = frozenset({Family.PROCESS})
 
     def __init__(
-        self, ctx: CaptureContext, families: frozenset[Family], *, emit_forks: bool = True
+        self,
+        ctx: CaptureContext,
+        families: frozenset[Family],
+        *,
+        emit_forks: bool = True,
+        rcvbuf: int = RCVBUF_BYTES,
     ) -> None:
         super().__init__(ctx, families)
         self.emit_forks = emit_forks
+        self.rcvbuf = rcvbuf
         self._sock: socket.socket | None = None
         self._close_lock = threading.Lock()
         self._mono_to_epoch_ns = 0
@@ -185,7 +191,7 @@ class ProcConnectorSource(Source):
         return None
 
     def open(self) -> None:
-        self._sock = _subscribe(rcvbuf=RCVBUF_BYTES)
+        self._sock = _subscribe(rcvbuf=self.rcvbuf)
         self._mono_to_epoch_ns = time.time_ns() - time.monotonic_ns()
 
     def run(self, stop: threading.Event) -> None:

@@ -239,3 +239,29 @@ def test_poll_once_reports_a_real_child_without_threads() -> None:
 
 
 NOBODY_UID = 65534
+
+
+@pytest.mark.root
+@pytest.mark.timeout(60)
+def test_connector_overflow_is_counted_as_dropped() -> None:
+    """A tiny socket buffer and a reader that is not running: the kernel must say ENOBUFS."""
+    events: list[Event] = []
+    src = ProcConnectorSource(_ctx(events), ALL, rcvbuf=4096)
+    src.open()
+    try:
+        for _ in range(60):
+            subprocess.run(["/bin/true"], check=True)
+        stop = threading.Event()
+        thread = threading.Thread(target=src.run, args=(stop,))
+        thread.start()
+        threading.Event().wait(0.5)
+        stop.set()
+        thread.join(2)
+        assert not thread.is_alive()
+    finally:
+        src.close()
+    counters = src.counters()
+    assert counters["enobufs"] >= 1
+    assert counters["dropped"] == counters["enobufs"]
+    # What did fit in the buffer was still delivered.
+    assert counters["received"] > 0
