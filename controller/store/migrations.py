@@ -1,0 +1,218 @@
+"""Ordered schema migrations for the SQLite store.
+
+Each migration is a version number, a name and a list of single SQL statements; they run in
+one transaction at open, and ``schema_version`` records each one applied. Never edit a
+migration that has shipped: append a new one. Statements are kept as a list (not a script)
+because ``sqlite3.executescript`` commits first, which would break the all-or-nothing open.
+
+Index choices follow the measured ingest numbers in ARCHITECTURE.md: the ``events`` table only
+has indexes whose keys grow with time (``ts`` leads, or a low-cardinality column then ``ts``),
+so every insert appends to the right edge of each B-tree. Filters on pid, entity id,
+executable, path, ip and port are evaluated on rows the time indexes select. Full text lives
+in an external-content FTS5 table filled by ``index_pending`` off the ingest path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+_INITIAL = (
+    # -- events ---------------------------------------------------------------------------
+    """CREATE TABLE batches (
+        id INTEGER PRIMARY KEY,
+        host_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        received REAL NOT NULL,
+        event_count INTEGER NOT NULL,
+        dropped INTEGER NOT NULL DEFAULT 0,
+        untimed INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (host_id, seq)
+    )""",
+    # AUTOINCREMENT: ids are never reused after retention, so the full-text watermark
+    # (the highest id indexed) stays meaningful.
+    """CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        batch_id INTEGER NOT NULL,
+        host_id TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        category TEXT,
+        action TEXT,
+        pid INTEGER,
+        entity_id TEXT,
+        executable TEXT,
+        command_line TEXT,
+        file_path TEXT,
+        src_ip TEXT,
+        src_port INTEGER,
+        dst_ip TEXT,
+        dst_port INTEGER,
+        user_name TEXT,
+        size INTEGER NOT NULL,
+        doc TEXT NOT NULL
+    )""",
+    "CREATE INDEX events_ts ON events (ts)",
+    "CREATE INDEX events_host_ts ON events (host_id, ts)",
+    "CREATE INDEX events_action_ts ON events (action, ts)",
+    """CREATE VIRTUAL TABLE events_fts USING fts5 (
+        command_line, file_path, executable,
+        content = 'events', content_rowid = 'id'
+    )""",
+    # Process ancestry, maintained from exec/fork/exit events only.
+    """CREATE TABLE processes (
+        host_id TEXT NOT NULL,
+        entity_id TEXT NOT NULL,
+        pid INTEGER,
+        parent_entity_id TEXT,
+        ppid INTEGER,
+        executable TEXT,
+        command_line TEXT,
+        user_name TEXT,
+        start_ts INTEGER,
+        exit_ts INTEGER,
+        exit_code INTEGER,
+        last_ts INTEGER NOT NULL,
+        PRIMARY KEY (host_id, entity_id)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX processes_parent ON processes (host_id, parent_entity_id)",
+    "CREATE INDEX processes_last ON processes (last_ts)",
+    # Single-row counters and watermarks.
+    """CREATE TABLE store_state (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    "INSERT INTO store_state (key, value) VALUES ('event_bytes', 0), ('fts_watermark', 0)",
+    # -- hosts ----------------------------------------------------------------------------
+    """CREATE TABLE hosts (
+        host_id TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL,
+        os TEXT NOT NULL,
+        kernel TEXT NOT NULL,
+        sensor_version TEXT NOT NULL,
+        tiers TEXT NOT NULL,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        metrics TEXT NOT NULL DEFAULT '{}',
+        drops TEXT NOT NULL DEFAULT '{}',
+        outbox_depth INTEGER NOT NULL DEFAULT 0,
+        events_dropped INTEGER NOT NULL DEFAULT 0,
+        isolated INTEGER NOT NULL DEFAULT 0,
+        isolation_changed_at REAL,
+        policy_version INTEGER,
+        policy_applied_at REAL
+    )""",
+    """CREATE TABLE host_metrics (
+        id INTEGER PRIMARY KEY,
+        host_id TEXT NOT NULL REFERENCES hosts (host_id) ON DELETE CASCADE,
+        ts REAL NOT NULL,
+        metrics TEXT NOT NULL,
+        drops TEXT NOT NULL,
+        outbox_depth INTEGER NOT NULL
+    )""",
+    "CREATE INDEX host_metrics_host ON host_metrics (host_id, id)",
+    # -- commands -------------------------------------------------------------------------
+    """CREATE TABLE commands (
+        id INTEGER PRIMARY KEY,
+        host_id TEXT NOT NULL REFERENCES hosts (host_id),
+        action TEXT NOT NULL,
+        args TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL CHECK (status IN
+            ('queued', 'sent', 'acknowledged', 'succeeded', 'failed', 'expired')),
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        sent_at REAL,
+        acknowledged_at REAL,
+        finished_at REAL,
+        output TEXT
+    )""",
+    "CREATE INDEX commands_host ON commands (host_id, status, id)",
+    "CREATE INDEX commands_open ON commands (status, expires_at)",
+    # -- policy ---------------------------------------------------------------------------
+    """CREATE TABLE policies (
+        version INTEGER PRIMARY KEY AUTOINCREMENT,
+        document TEXT NOT NULL,
+        author TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        comment TEXT NOT NULL DEFAULT ''
+    )""",
+    # -- alerts ---------------------------------------------------------------------------
+    """CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        rule_id TEXT NOT NULL,
+        rule_name TEXT NOT NULL,
+        severity TEXT NOT NULL CHECK (severity IN
+            ('informational', 'low', 'medium', 'high', 'critical')),
+        host_id TEXT NOT NULL,
+        event_id INTEGER,
+        event TEXT NOT NULL,
+        ancestry TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN
+            ('new', 'acknowledged', 'resolved', 'false_positive')),
+        assignee TEXT
+    )""",
+    "CREATE INDEX alerts_status ON alerts (status, id)",
+    "CREATE INDEX alerts_host ON alerts (host_id, id)",
+    """CREATE TABLE alert_comments (
+        id INTEGER PRIMARY KEY,
+        alert_id INTEGER NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
+        author TEXT NOT NULL,
+        ts REAL NOT NULL,
+        text TEXT NOT NULL
+    )""",
+    "CREATE INDEX alert_comments_alert ON alert_comments (alert_id, id)",
+    # -- users, tokens, audit ---------------------------------------------------------------
+    """CREATE TABLE users (
+        username TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'responder', 'viewer')),
+        disabled INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
+    """CREATE TABLE api_tokens (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'responder', 'viewer')),
+        owner TEXT REFERENCES users (username),
+        created_at REAL NOT NULL,
+        last_used REAL,
+        revoked INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        source TEXT NOT NULL
+    )""",
+    # Append-only is enforced by the database, not just by the absence of a method.
+    """CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+       BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+    """CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+       BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _INITIAL),)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def check_order(migrations: tuple[Migration, ...] = MIGRATIONS) -> None:
+    """Refuse a migration list that is not 1, 2, 3, ... (a merge mistake)."""
+    for expected, m in enumerate(migrations, start=1):
+        if m.version != expected:
+            raise RuntimeError(f"migration {m.name!r} has version {m.version}, expected {expected}")
