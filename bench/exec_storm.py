@@ -188,6 +188,25 @@ def parse_sensor_stats(text: str, origin: str) -> dict[str, Any]:
     return stats
 
 
+def count_sensor_execs(lines: Iterator[str] | Sequence[str], marker: str) -> int:
+    """Exec events in the sensor's NDJSON output whose argv[1] is exactly ``marker``."""
+    count = 0
+    for number, line in enumerate(lines, 1):
+        if marker not in line:
+            continue  # cheap pre-filter: most lines are other events
+        try:
+            event = json.loads(line)
+            action = event["event"]["action"]
+            args = event.get("process", {}).get("args", [])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise BenchError(
+                f"sensor output line {number} is not an event: {line[:120]!r}"
+            ) from None
+        if action == "exec" and isinstance(args, list) and args[1:2] == [marker]:
+            count += 1
+    return count
+
+
 def sensor_execs(stats: dict[str, Any]) -> int:
     return int(stats["events"].get("exec", 0))
 
@@ -348,30 +367,50 @@ def _stop_process(proc: subprocess.Popen[str], sig: int, timeout: float) -> None
 
 
 class SensorTracer(Tracer):
-    """Our sensor, ``edr-sensor run --mode tracepoint --output /dev/null``.
+    """Our sensor, ``edr-sensor run --mode tracepoint --output OUT --stats-file F``.
 
-    It prints its counters to stderr every ``interval`` seconds; the exec count printed just
-    before the storm is the round's baseline, and an idle window measured right before it
-    gives the rate of unrelated execs on the machine, subtracted from the count so that only
-    the storm's execs are compared with the spawn count. The final numbers come from its
-    ``--stats-file`` after SIGINT; drops are the sources' ``dropped`` counters over the round.
+    Two ways to count what it captured:
+
+    * ``output="file"`` (default): OUT is a file on tmpfs; after the round the exec events
+      whose argv carries the round's marker are counted. Exact, whatever else runs here.
+    * ``output="devnull"``: OUT is /dev/null. The sensor prints its counters to stderr every
+      ``interval`` seconds; the exec count printed just before the storm is the baseline, and
+      an idle window measured right before it gives the rate of unrelated execs, subtracted.
+      An estimate: other work on the machine that execs in bursts makes it wrong.
+
+    The stats-based estimate is computed in both modes (shown in the round's log line). The
+    final counters come from ``--stats-file`` after SIGINT; drops are the sources' ``dropped``
+    counters over the round.
     """
 
     name = "sensor"
     PREFIX = "edr-sensor stats: "
 
     def __init__(
-        self, command: Sequence[str], workdir: Path, idle: float = 2.0, interval: float = 0.5
+        self,
+        command: Sequence[str],
+        workdir: Path,
+        idle: float = 2.0,
+        interval: float = 0.5,
+        output: str = "file",
+        output_dir: Path | None = None,
     ) -> None:
+        if output not in ("file", "devnull"):
+            raise ValueError(f"output must be 'file' or 'devnull', not {output!r}")
         self.command = list(command)
         self.workdir = workdir
+        self.output = output
+        # tmpfs keeps the sensor's writes off the disk: close to /dev/null in cost.
+        shm = Path("/dev/shm")
+        self.output_dir = output_dir or (shm if shm.is_dir() else workdir)
+        self.output_file: Path | None = None
+        self.marker = ""
         self.idle = idle
         self.interval = interval
         self.proc: subprocess.Popen[str] | None = None
         self.reader: _LineReader | None = None
         self.stats_file = workdir / "sensor-stats.json"
         self._snapshots: list[tuple[float, dict[str, Any]]] = []
-        self._lock = threading.Lock()
         self._t0 = 0.0
         self._exec0 = 0
         self._drops0 = 0
@@ -424,13 +463,22 @@ class SensorTracer(Tracer):
     def start(self, marker: str) -> None:
         self.stats_file.unlink(missing_ok=True)
         self._snapshots.clear()
+        self.marker = marker
+        out = "/dev/null"
+        if self.output == "file":
+            fd, name = tempfile.mkstemp(
+                prefix="edr-exec-storm-", suffix=".ndjson", dir=self.output_dir
+            )
+            os.close(fd)
+            self.output_file = Path(name)
+            out = name
         cmd = [
             *self.command,
             "run",
             "--mode",
             "tracepoint",
             "--output",
-            "/dev/null",
+            out,
             "--stats-file",
             str(self.stats_file),
             "--stats-interval",
@@ -477,14 +525,29 @@ class SensorTracer(Tracer):
             raise BenchError(f"sensor wrote no stats file: {exc.strerror}") from None
         final = parse_sensor_stats(text, str(self.stats_file))
         background = round(self._background_rate * (t_end - self._t0))
-        captured = sensor_execs(final) - self._exec0 - background
-        note = f"background {background}" if background else ""
-        return Capture(captured, sensor_drops(final) - self._drops0, note)
+        estimate = sensor_execs(final) - self._exec0 - background
+        drops = sensor_drops(final) - self._drops0
+        if self.output_file is None:
+            return Capture(estimate, drops, f"background {background} subtracted")
+        try:
+            with self.output_file.open(encoding="utf-8", errors="replace") as fh:
+                captured = count_sensor_execs(fh, self.marker)
+        except OSError as exc:
+            raise BenchError(f"cannot read the sensor's output: {exc.strerror}") from None
+        finally:
+            self._remove_output()
+        return Capture(captured, drops, f"stats-based estimate {estimate}")
+
+    def _remove_output(self) -> None:
+        if self.output_file is not None:
+            self.output_file.unlink(missing_ok=True)
+            self.output_file = None
 
     def abort(self) -> None:
         if self.proc is not None:
             _stop_process(self.proc, signal.SIGINT, 30)
             self.proc = None
+        self._remove_output()
 
 
 class BpftraceTracer(Tracer):
@@ -744,6 +807,7 @@ class Config:
     settle: float
     tracers: list[str]
     sensor_command: list[str]
+    sensor_output: str = "file"
     json_path: Path | None = None
     results: list[Measurement] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -760,8 +824,8 @@ def measure(
 ) -> Measurement:
     """One storm under one tracer: start it, storm, let it drain, collect."""
     marker = f"edrbench-{run_id}-r{round_no}-{tracer.name}-w{workers}"
-    tracer.start(marker)
     try:
+        tracer.start(marker)  # inside: a tracer that fails to warm up is still stopped
         pids = tracer.cpu_pids()
         tracer.begin()
         t0 = time.monotonic()
@@ -906,7 +970,7 @@ def check_targets(rows: list[Row]) -> list[str]:
 def make_tracers(config: Config, workdir: Path) -> list[Tracer]:
     known: dict[str, Callable[[], Tracer]] = {
         "untraced": Tracer,
-        "sensor": lambda: SensorTracer(config.sensor_command, workdir),
+        "sensor": lambda: SensorTracer(config.sensor_command, workdir, output=config.sensor_output),
         "bpftrace": BpftraceTracer,
         "auditd": lambda: AuditdTracer(workdir),
     }
@@ -1001,18 +1065,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Exec-storm benchmark: our sensor vs bpftrace vs auditd (root)."
     )
-    p.add_argument("--duration", type=positive_float, default=10.0, help="seconds per storm")
-    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds")
+    p.add_argument("--duration", type=positive_float, help="seconds per storm (default 10)")
+    p.add_argument("--rounds", type=positive_int, help="interleaved rounds (default 3)")
     p.add_argument("--workers", type=worker_list, default=[1, 2], help="e.g. 1,2")
     p.add_argument("--tracers", type=tracer_list, default=list(TRACERS), help=",".join(TRACERS))
     p.add_argument(
         "--settle", type=positive_float, default=1.0, help="seconds to let a tracer drain"
     )
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3 s")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 round of 3 s (unless set explicitly)"
+    )
     p.add_argument(
         "--sensor",
         default=str(REPO / ".venv" / "bin" / "edr-sensor"),
         help="the edr-sensor executable",
+    )
+    p.add_argument(
+        "--sensor-output",
+        choices=("file", "devnull"),
+        default="file",
+        help="file: sensor writes to tmpfs, exact count by marker (default); devnull: "
+        "--output /dev/null, count from its stats minus an idle-window baseline",
     )
     p.add_argument("--json", type=Path, help="also write every measurement here as JSON")
     p.add_argument(
@@ -1030,8 +1103,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("exec_storm: run as root: tracers need BPF and the audit subsystem", file=sys.stderr)
         return 2
-    if args.quick:
-        args.duration, args.rounds = 3.0, 1
+    default_duration, default_rounds = (3.0, 1) if args.quick else (10.0, 3)
+    args.duration = args.duration or default_duration
+    args.rounds = args.rounds or default_rounds
     config = Config(
         duration=args.duration,
         rounds=args.rounds,
@@ -1039,6 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
         settle=args.settle,
         tracers=args.tracers,
         sensor_command=[args.sensor],
+        sensor_output=args.sensor_output,
         json_path=args.json,
     )
 
