@@ -7,6 +7,10 @@
  * every family arrive in the order they were submitted.
  * Caveats: tracepoint programs read only tracepoint arguments and BPF helpers, never kernel
  * struct fields, because the headers BCC compiles against may not match the running kernel.
+ * BCC rewrites only the main file (tracepoint argument structs, map method calls, program
+ * sections), so the loader (sensor/ebpf.py, bpf_source_text) pastes the "*.bpf.c" includes
+ * below in place, with #line markers; events.h is a plain include. Compiler line numbers
+ * after the first probe are shifted by the structs BCC inserts.
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
