@@ -16,6 +16,11 @@ Limits, stated plainly:
   one, so connections nobody accepts are not reported.
 * Sockets that existed when the source opened are the baseline and are not reported.
 
+Cost, *measured* here (2 cores, ~1000 established loopback sockets): one poll takes ~130 ms
+through pyroute2's sock_diag (its per-message decoding dominates) but ~24 ms parsing
+/proc/net/tcp{,6}; with few sockets both are ~1-3 ms. Hosts with many sockets should pass
+``backend="procfs"`` or raise ``interval``.
+
 ECS direction: ``source`` is the side that initiated. ``connect``: source = local,
 destination = remote; ``accept``: source = remote peer, destination = local; ``listen``:
 source = the bound address.
