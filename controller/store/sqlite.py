@@ -772,12 +772,16 @@ class SQLiteStore:
         sql += " ORDER BY ts DESC, id DESC LIMIT ?"
         params.append(limit + 1)
         with self._reading() as c:
-            try:
-                rows = c.execute(sql, params).fetchall()
-            except sqlite3.OperationalError as e:
-                if "fts5" in str(e) or "MATCH" in str(e):
+            if text is not None:
+                # FTS5 reports query syntax errors with assorted messages: check the query
+                # alone first, so any error here is the query's fault.
+                try:
+                    c.execute(
+                        "SELECT 1 FROM events_fts WHERE events_fts MATCH ? LIMIT 1", (text,)
+                    ).fetchall()
+                except sqlite3.OperationalError as e:
                     raise InvalidInput(f"bad full-text query {text!r}: {e}") from None
-                raise
+            rows = c.execute(sql, params).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
         events = [StoredEvent(r[0], r[1], r[2] / 1_000_000, json.loads(r[3])) for r in rows]

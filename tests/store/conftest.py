@@ -1,0 +1,89 @@
+"""Fixtures for the store tests: a real SQLite file per test and ECS event builders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backplane.schema import Action, Event, Tier, new_event
+from controller.store import SQLiteStore
+
+HOST = {"id": "host-a", "name": "alpha"}
+T0 = 1_700_000_000.0  # a fixed "now" for tests that control time
+
+
+class Clock:
+    """Injectable time: tests move it forward explicitly."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "edr.db"
+
+
+@pytest.fixture
+def store(db_path: Path, clock: Clock) -> Iterator[SQLiteStore]:
+    s = SQLiteStore(db_path, clock=clock)
+    yield s
+    s.close()
+
+
+def ev(
+    action: Action,
+    at: float,
+    *,
+    host: str = "host-a",
+    pid: int = 100,
+    entity: str = "E100",
+    exe: str = "/usr/bin/true",
+    cmd: str | None = None,
+    parent: tuple[int, str] | None = None,
+    path: str | None = None,
+    src: tuple[str, int] | None = None,
+    dst: tuple[str, int] | None = None,
+    user: str = "alice",
+    **extra: Any,
+) -> Event:
+    """One ECS event as the sensor builds it, at ``at`` seconds since the epoch."""
+    e = new_event(
+        action, host={"id": host, "name": host}, tier=Tier.TRACEPOINT, epoch_ns=int(at * 1e9)
+    )
+    proc: dict[str, Any] = {"pid": pid, "entity_id": entity, "executable": exe}
+    proc["command_line"] = cmd if cmd is not None else exe
+    if parent is not None:
+        proc["parent"] = {"pid": parent[0], "entity_id": parent[1]}
+    proc.update(extra)
+    e["process"] = proc
+    e["user"] = {"id": "1000", "name": user}
+    if path is not None:
+        e["file"] = {"path": path}
+    if src is not None:
+        e["source"] = {"ip": src[0], "port": src[1]}
+    if dst is not None:
+        e["destination"] = {"ip": dst[0], "port": dst[1]}
+    return e
+
+
+@pytest.fixture
+def make_ev() -> Any:
+    """The ``ev`` builder (fixtures, since importlib mode cannot import conftest)."""
+    return ev
+
+
+@pytest.fixture
+def t0() -> float:
+    return T0
