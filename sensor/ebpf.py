@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from backplane.schema import Action, Event, Family, Tier
 from sensor import procfs
-from sensor.capture import Source, TierUnavailable, resolve_path
+from sensor.capture import CaptureContext, Source, TierUnavailable, resolve_path
 from sensor.process_table import ProcessInfo
 
 log = logging.getLogger(__name__)
@@ -681,7 +681,7 @@ class TracepointSource(Source):
     tier: ClassVar[Tier] = Tier.TRACEPOINT
     families: ClassVar[frozenset[Family]] = frozenset({Family.PROCESS, Family.FILE, Family.NETWORK})
 
-    def __init__(self, ctx: Any, families: frozenset[Family]) -> None:
+    def __init__(self, ctx: CaptureContext, families: frozenset[Family]) -> None:
         super().__init__(ctx, families)
         self._bpf: Any = None
         self._batch: list[bytes] = []
