@@ -131,7 +131,7 @@ def _int(value: object) -> int | None:
 def _dict(value: object) -> Mapping[str, Any] | None:
     # ``type() is dict`` first: the ABC check behind isinstance(Mapping) costs ~0.5 µs.
     if type(value) is dict or isinstance(value, Mapping):
-        return value  # type: ignore[return-value]
+        return value
     return None
 
 
@@ -203,7 +203,7 @@ _E = TypeVar("_E", CommandStatus, AlertStatus, Severity, Role)
 
 def _enum(kind: type[_E], value: object) -> _E:
     try:
-        return kind(value)
+        return kind(value)  # type: ignore[arg-type]
     except ValueError:
         allowed = ", ".join(m.value for m in kind)
         raise InvalidInput(f"{value!r} is not a valid {kind.__name__} ({allowed})") from None
@@ -1422,7 +1422,8 @@ class SQLiteStore:
         now = self._now(now)
         with self._write() as c:
             current = self._alert(c, alert_id)
-            sets, params = ["updated_at = ?"], [now]
+            sets: list[str] = ["updated_at = ?"]
+            params: list[Any] = [now]
             if wanted is not None and wanted != current.status:
                 if wanted not in ALERT_TRANSITIONS[current.status]:
                     raise InvalidTransition("alert", alert_id, current.status, wanted)
@@ -1504,7 +1505,8 @@ class SQLiteStore:
         now: float | None = None,
     ) -> User:
         _check_name(username, "username", 64)
-        sets, params = ["updated_at = ?"], [self._now(now)]
+        sets: list[str] = ["updated_at = ?"]
+        params: list[Any] = [self._now(now)]
         if password_hash is not None:
             sets.append("password_hash = ?")
             params.append(self._check_hash(password_hash, "password_hash"))
