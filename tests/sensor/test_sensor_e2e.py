@@ -114,8 +114,13 @@ def start_sensor(workdir: Path, mode: str, *, unprivileged: bool = False) -> Run
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(60):
+    deadline = time.monotonic() + 60
+    while not ready.wait(0.2) and proc.poll() is None and time.monotonic() < deadline:
+        pass
+    if not ready.is_set():
         proc.kill()
+        proc.wait(10)
+        time.sleep(0.2)  # let the pump thread collect the last lines
         raise AssertionError(f"sensor did not start: {''.join(sensor.stderr)[-3000:]}")
     time.sleep(0.5)  # first poll cycles / ring buffer attach settle
     return sensor
