@@ -9,7 +9,7 @@ Index choices follow the measured ingest numbers in ARCHITECTURE.md: the ``event
 has indexes whose keys grow with time (``ts`` leads, or a low-cardinality column then ``ts``),
 so every insert appends to the right edge of each B-tree. Filters on pid, entity id,
 executable, path, ip and port are evaluated on rows the time indexes select. Full text lives
-in an external-content FTS5 table filled by ``index_pending`` off the ingest path.
+in a contentless FTS5 table filled by ``index_pending`` off the ingest path.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ _INITIAL = (
     "CREATE INDEX events_ts ON events (ts)",
     "CREATE INDEX events_host_ts ON events (host_id, ts)",
     "CREATE INDEX events_action_ts ON events (action, ts)",
+    # Contentless: the index holds only tokens (the text is in ``events``), and it indexes
+    # less than the columns hold (see ``sqlite._FTS_VALUES``).
     """CREATE VIRTUAL TABLE events_fts USING fts5 (
-        command_line, file_path, executable,
-        content = 'events', content_rowid = 'id'
+        command_line, file_path, executable, content = ''
     )""",
     # Process ancestry, maintained from exec/fork/exit events only.
     """CREATE TABLE processes (

@@ -391,7 +391,23 @@ ON CONFLICT (host_id, entity_id) DO UPDATE SET
     exit_code = coalesce(excluded.exit_code, exit_code),
     last_ts = max(last_ts, excluded.last_ts)
 """
-_FTS_COLS_PRESENT = "(command_line IS NOT NULL OR file_path IS NOT NULL OR executable IS NOT NULL)"
+# What full text indexes, per event: command line and executable of exec events (and of
+# events of unknown kind), file paths of file events. A file or network event's process
+# fields repeat its exec event's, so indexing them again would triple the indexer's work for
+# no new matches: search finds the exec, and ``entity_id`` pivots to everything it did.
+# Deletion from a contentless index must repeat exactly these values.
+_FTS_PROC = (
+    "(coalesce({p}category, '') NOT IN ('file', 'network')"
+    " AND coalesce({p}action, '') NOT IN ('fork', 'exit'))"
+)
+_FTS_VALUES = (
+    f"CASE WHEN {_FTS_PROC} THEN {{p}}command_line END, {{p}}file_path,"
+    f" CASE WHEN {_FTS_PROC} THEN {{p}}executable END"
+)
+_FTS_WANTED = (
+    f"({{p}}file_path IS NOT NULL OR ({_FTS_PROC}"
+    " AND ({p}command_line IS NOT NULL OR {p}executable IS NOT NULL)))"
+)
 
 
 class SQLiteStore:
@@ -676,8 +692,8 @@ class SQLiteStore:
                 return 0
             c.execute(
                 "INSERT INTO events_fts (rowid, command_line, file_path, executable)"
-                " SELECT id, command_line, file_path, executable FROM events"
-                f" WHERE id > ? AND id <= ? AND {_FTS_COLS_PRESENT}",
+                f" SELECT id, {_FTS_VALUES.format(p='')} FROM events"
+                f" WHERE id > ? AND id <= ? AND {_FTS_WANTED.format(p='')}",
                 (low, high),
             )
             c.execute(_STUB_PROCESSES, (low, high))
@@ -906,14 +922,14 @@ class SQLiteStore:
                 return 0, 0
             c.execute("DELETE FROM temp.doomed")
             c.executemany("INSERT INTO temp.doomed (id, size) VALUES (?, ?)", rows)
-            # External-content FTS needs the indexed values to delete an entry: remove the
-            # entries of indexed rows before the rows themselves.
+            # A contentless FTS index needs the indexed values to delete an entry: remove
+            # the entries of indexed rows before the rows themselves.
             c.execute(
                 "INSERT INTO events_fts (events_fts, rowid, command_line, file_path, executable)"
-                " SELECT 'delete', e.id, e.command_line, e.file_path, e.executable"
+                f" SELECT 'delete', e.id, {_FTS_VALUES.format(p='e.')}"
                 " FROM events e JOIN temp.doomed d ON d.id = e.id"
                 " WHERE e.id <= (SELECT value FROM store_state WHERE key = 'fts_watermark')"
-                f" AND {_FTS_COLS_PRESENT}"
+                f" AND {_FTS_WANTED.format(p='e.')}"
             )
             c.execute("DELETE FROM events WHERE id IN (SELECT id FROM temp.doomed)")
             size = sum(r[1] for r in rows)
