@@ -23,6 +23,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -46,7 +47,7 @@ POLL_MS = 50
 COUNTER_REFRESH_S = 1.0
 
 AT_FDCWD = -100
-O_ACCMODE, O_CREAT, O_TRUNC = 0o3, 0o100, 0o1000
+O_CREAT, O_TRUNC, O_CLOEXEC = 0o100, 0o1000, 0o2000000
 NO_ID = 0xFFFFFFFF  # chown's "leave unchanged"
 
 # Kept in step with events.h; the layout test compares them with what BCC compiles.
@@ -57,6 +58,9 @@ ARGS_BUF = 2 * ARGS_MAX_BYTES
 EXEC_ARGS_TRUNCATED, EXEC_NO_ARGS = 1, 2
 EXIT_HAVE_CODE, EXIT_HAVE_SIGNAL = 1, 2
 NET_HAVE_LOCAL, NET_HAVE_PEER = 1, 2
+FILE_REPORT, FILE_WATCH = 1, 2
+# user-space side of the kernel's write_watch map (EDR_WRITE_WATCH_ENTRIES): same bound
+WRITE_WATCH_ENTRIES = 16384
 
 _INCLUDE = re.compile(r'^#include "([a-z0-9_]+\.bpf\.c)"[ \t]*$', re.MULTILINE)
 
@@ -72,9 +76,10 @@ class EventType(IntEnum):
     CONNECT = 6
     LISTEN = 7
     ACCEPT = 8
+    FILE_WRITE = 9
 
 
-EVENT_TYPE_MAX = 9
+EVENT_TYPE_MAX = 10
 
 
 class FileOp(IntEnum):
@@ -166,10 +171,15 @@ FILE = Mirror(
         ("mode", "I"),
         ("owner_uid", "I"),
         ("owner_gid", "I"),
+        ("emit", "I"),
+        ("_pad0", "I"),
         ("ret", "q"),
         ("path", f"{PATH_LEN}s"),
         ("path2", f"{PATH_LEN}s"),
     ),
+)
+WRITE = Mirror(
+    "edr_write_event", (("h", _HEADER_FMT), ("fd", "i"), ("_pad0", "I"), ("open_id", "Q"))
 )
 NET = Mirror(
     "edr_net_event",
@@ -185,11 +195,13 @@ NET = Mirror(
         ("flags", "I"),
     ),
 )
-MIRRORS: tuple[Mirror, ...] = (HEADER, FORK, EXEC, EXIT, CHDIR, FILE, NET)
+MIRRORS: tuple[Mirror, ...] = (HEADER, FORK, EXEC, EXIT, CHDIR, FILE, WRITE, NET)
 
 _HEADER_S = HEADER.struct
 _EXEC_FIXED = struct.Struct("<" + "".join(f for n, f in EXEC.fields if n != "args"))
-_FORK_S, _EXIT_S, _CHDIR_S, _FILE_S, _NET_S = (m.struct for m in (FORK, EXIT, CHDIR, FILE, NET))
+_FORK_S, _EXIT_S, _CHDIR_S, _FILE_S, _WRITE_S, _NET_S = (
+    m.struct for m in (FORK, EXIT, CHDIR, FILE, WRITE, NET)
+)
 
 
 # -- decoded records ---------------------------------------------------------------------------
@@ -252,9 +264,17 @@ class FileRecord:
     mode: int
     owner_uid: int | None
     owner_gid: int | None
+    emit: int  # FILE_REPORT | FILE_WATCH
     ret: int
     path: str
     path2: str
+
+
+@dataclass(slots=True)
+class WriteRecord:
+    h: Header
+    fd: int
+    open_id: int  # ktime_ns of the open record that registered the fd
 
 
 @dataclass(slots=True)
@@ -328,7 +348,7 @@ def decode_chdir(raw: bytes) -> ChdirRecord:
 def decode_file(raw: bytes) -> FileRecord:
     _check_size(raw, _FILE_S.size, "file")
     v = _FILE_S.unpack_from(raw)
-    op, flags, dfd, dfd2, fd, mode, ouid, ogid, ret, path, path2 = v[8:19]
+    op, flags, dfd, dfd2, fd, mode, ouid, ogid, emit, _pad, ret, path, path2 = v[8:21]
     try:
         fop = FileOp(op)
     except ValueError:
@@ -343,10 +363,17 @@ def decode_file(raw: bytes) -> FileRecord:
         mode,
         None if ouid == NO_ID else ouid,
         None if ogid == NO_ID else ogid,
+        emit,
         ret,
         _cstr(path),
         _cstr(path2),
     )
+
+
+def decode_write(raw: bytes) -> WriteRecord:
+    _check_size(raw, _WRITE_S.size, "file write")
+    v = _WRITE_S.unpack_from(raw)
+    return WriteRecord(_header(v), v[8], v[10])
 
 
 def ip_text(family: int, raw: bytes) -> str:
@@ -436,6 +463,7 @@ def _on_exec(src: TracepointSource, raw: bytes) -> None:
     )
     if cwd_then is not None:
         table.chdir(r.h.pid, cwd_then)
+    src._forget_writes(r.h.pid, cloexec_only=True)
     if Family.PROCESS in src.enabled:
         ev = src.event(Action.EXEC, info, epoch_ns=src._epoch(r.h))
         if r.old_pid != r.h.pid:
@@ -450,6 +478,7 @@ def _on_exit(src: TracepointSource, raw: bytes) -> None:
     # genuine exit(137); the signal itself is in edr.exit_signal.
     code = r.exit_code if r.exit_code is not None else (-r.signal if r.signal else None)
     info = src.ctx.table.exit(r.h.pid, code)
+    src._forget_writes(r.h.pid)
     if Family.PROCESS in src.enabled:
         ev = src.event(Action.EXIT, info, epoch_ns=src._epoch(r.h))
         if r.signal:
@@ -476,6 +505,8 @@ def _on_file(src: TracepointSource, raw: bytes) -> None:
     r = decode_file(raw)
     if Family.FILE not in src.enabled or r.h.pid in src.ctx.ignored_pids:
         return
+    if not r.emit & (FILE_REPORT | FILE_WATCH):
+        return
     path, resolved = src._file_path(r.h.pid, r.path, r.dfd, r.fd)
     original = None
     if r.op is FileOp.RENAME:
@@ -489,10 +520,15 @@ def _on_file(src: TracepointSource, raw: bytes) -> None:
         src.filtered += 1
         return
     if r.op is FileOp.OPEN:
+        if r.emit & FILE_WATCH and r.ret >= 0:
+            src._watch_write(r, path, resolved)
+        if not r.emit & FILE_REPORT:
+            return
+        # a plain write open is watched, not reported: its first write is the write event
         if r.flags & O_CREAT:
             action = Action.FILE_CREATE
-        elif r.flags & O_ACCMODE or r.flags & O_TRUNC:
-            action = Action.FILE_WRITE
+        elif r.flags & O_TRUNC:
+            action = Action.FILE_WRITE  # truncation modifies; such opens are not watched
         else:
             action = Action.FILE_OPEN
     else:
@@ -519,6 +555,26 @@ def _on_file(src: TracepointSource, raw: bytes) -> None:
         ev["edr"]["errno"] = -r.ret
     if r.op is FileOp.RMDIR:
         ev["file"]["type"] = "dir"
+    if not resolved:
+        ev["edr"]["path_unresolved"] = True
+    src._emit(ev)
+
+
+@handles(EventType.FILE_WRITE)
+def _on_file_write(src: TracepointSource, raw: bytes) -> None:
+    r = decode_write(raw)
+    if Family.FILE not in src.enabled or r.h.pid in src.ctx.ignored_pids:
+        return
+    watched = src._unwatch_write(r.h.pid, r.open_id)
+    if watched is None:
+        # an fd closed without close(2) (exec, close_range, exit) reused by another file, a
+        # second fd of an already written open (dup2), or an open filtered in user space
+        src.stale_writes += 1
+        return
+    path, resolved, _flags = watched
+    ev = src.file_event(
+        Action.FILE_WRITE, src.ctx.table.lookup(r.h.pid), path, epoch_ns=src._epoch(r.h)
+    )
     if not resolved:
         ev["edr"]["path_unresolved"] = True
     src._emit(ev)
@@ -693,6 +749,11 @@ class TracepointSource(Source):
         self.handler_errors = 0
         self.filtered = 0
         self.received = 0
+        self.stale_writes = 0
+        # (tgid, open_id) -> (path, resolved, open flags) of opens the kernel watches for a
+        # first write; bounded like the kernel's LRU map, oldest dropped first
+        self._writes: OrderedDict[tuple[int, int], tuple[str, bool, int]] = OrderedDict()
+        self._writes_by_pid: dict[int, set[int]] = {}  # tgid -> its open_ids in _writes
 
     # -- availability ---------------------------------------------------------------------
 
@@ -847,6 +908,8 @@ class TracepointSource(Source):
             decode_errors=self.decode_errors,
             handler_errors=self.handler_errors,
             filtered=self.filtered,
+            stale_writes=self.stale_writes,
+            watched_writes=len(self._writes),
         )
         return out
 
@@ -866,6 +929,34 @@ class TracepointSource(Source):
         self._last_counters = time.monotonic()
 
     # -- helpers for handlers ---------------------------------------------------------------
+
+    def _watch_write(self, r: FileRecord, path: str, resolved: bool) -> None:
+        """Remember the path of an open the kernel watches for its first write."""
+        pid, open_id = r.h.pid, r.h.ktime_ns
+        self._writes[(pid, open_id)] = (path, resolved, r.flags)
+        self._writes_by_pid.setdefault(pid, set()).add(open_id)
+        while len(self._writes) > WRITE_WATCH_ENTRIES:
+            (old_pid, old_id), _ = self._writes.popitem(last=False)
+            self._unindex_write(old_pid, old_id)
+
+    def _unwatch_write(self, pid: int, open_id: int) -> tuple[str, bool, int] | None:
+        watched = self._writes.pop((pid, open_id), None)
+        if watched is not None:
+            self._unindex_write(pid, open_id)
+        return watched
+
+    def _unindex_write(self, pid: int, open_id: int) -> None:
+        ids = self._writes_by_pid.get(pid)
+        if ids is not None:
+            ids.discard(open_id)
+            if not ids:
+                del self._writes_by_pid[pid]
+
+    def _forget_writes(self, pid: int, *, cloexec_only: bool = False) -> None:
+        """Drop a process's watched opens: all at exit, the O_CLOEXEC ones at exec."""
+        for open_id in list(self._writes_by_pid.get(pid, ())):
+            if not cloexec_only or self._writes[(pid, open_id)][2] & O_CLOEXEC:
+                self._unwatch_write(pid, open_id)
 
     def _epoch(self, h: Header) -> int:
         return self.ctx.table.boot_epoch_ns + h.ktime_ns

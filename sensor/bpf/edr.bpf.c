@@ -110,5 +110,6 @@ BPF_ARRAY(layout_exec, struct edr_exec_event, 1);
 BPF_ARRAY(layout_exit, struct edr_exit_event, 1);
 BPF_ARRAY(layout_chdir, struct edr_chdir_event, 1);
 BPF_ARRAY(layout_file, struct edr_file_event, 1);
+BPF_ARRAY(layout_write, struct edr_write_event, 1);
 BPF_ARRAY(layout_net, struct edr_net_event, 1);
 #endif

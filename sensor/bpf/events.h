@@ -25,7 +25,8 @@ enum edr_event_type {
     EDR_EV_CONNECT = 6,
     EDR_EV_LISTEN = 7,
     EDR_EV_ACCEPT = 8,
-    EDR_EV_MAX = 9,
+    EDR_EV_FILE_WRITE = 9, /* first write through a watched fd (struct edr_write_event) */
+    EDR_EV_MAX = 10,
 };
 
 enum edr_file_op {
@@ -43,6 +44,9 @@ enum edr_file_op {
 /* exit flags */
 #define EDR_EXIT_HAVE_CODE 1
 #define EDR_EXIT_HAVE_SIGNAL 2
+/* file event `emit` bits: what user space does with an EDR_EV_FILE record */
+#define EDR_FILE_REPORT 1 /* an ECS event */
+#define EDR_FILE_WATCH 2  /* open: (tgid, ret) is watched for its first write, open_id ktime_ns */
 /* network flags */
 #define EDR_NET_HAVE_LOCAL 1
 #define EDR_NET_HAVE_PEER 2
@@ -100,9 +104,20 @@ struct edr_file_event {
     __u32 mode;
     __u32 owner_uid;
     __u32 owner_gid;
+    __u32 emit;  /* EDR_FILE_REPORT | EDR_FILE_WATCH */
+    __u32 _pad0;
     __s64 ret;
     char path[EDR_PATH_LEN];
     char path2[EDR_PATH_LEN];
+};
+
+/* The first write (write, pwrite64, writev, pwritev(2), copy_file_range, sendfile, splice,
+ * ftruncate, fallocate) through an fd that a write-capable open registered. */
+struct edr_write_event {
+    struct edr_header h;
+    __s32 fd;
+    __u32 _pad0;
+    __u64 open_id; /* h.ktime_ns of the EDR_EV_FILE open record that registered the fd */
 };
 
 struct edr_net_event {

@@ -2,18 +2,35 @@
  * changes (included by edr.bpf.c).
  *
  * Hooks: syscalls:sys_enter/exit_ of openat, openat2, open, creat, unlink, unlinkat, rmdir,
- * rename, renameat, renameat2, chmod, fchmod, fchmodat(2), chown, fchown, lchown, fchownat.
+ * rename, renameat, renameat2, chmod, fchmod, fchmodat(2), chown, fchown, lchown, fchownat;
+ * sys_enter_ of write, pwrite64, writev, pwritev, pwritev2, copy_file_range, sendfile64,
+ * splice, ftruncate, fallocate (first write per open), close, dup2, dup3 (fd bookkeeping).
  * Arguments are stashed per thread at entry and the event is emitted at exit with the result.
- * Emits: EDR_EV_FILE (op = enum edr_file_op).
+ * Emits: EDR_EV_FILE (op = enum edr_file_op, emit = EDR_FILE_REPORT | EDR_FILE_WATCH) and
+ * EDR_EV_FILE_WRITE.
  * Reported: opens only when they succeed; the other operations when they succeed, and also
  * when refused with EACCES or EPERM (a denied attempt on a protected file is worth seeing);
  * other failures (ENOENT, ...) are noise and are not reported.
- * An open is reported when it can write (O_WRONLY, O_RDWR, O_CREAT, O_TRUNC); user space calls
- * an O_CREAT open "create" and any other write open "write": telling whether the file existed
- * before would need a kernel struct read. Read-only opens are reported only for absolute
- * paths under the prefixes in `sensitive_prefixes`.
+ * Opens: O_CREAT is reported at open ("create" in user space). O_TRUNC without O_CREAT is
+ * reported at open as a write: truncation modifies the file even if nothing is written after,
+ * and that open is not watched (its one write event is already out). O_CREAT|O_TRUNC is only
+ * "create" at open, then watched: whether the file existed before would need a kernel struct
+ * read, so truncating an existing file that way without writing shows as "create" alone.
+ * Writes: a successful open with O_WRONLY or O_RDWR (except the O_TRUNC case above) puts
+ * (tgid, fd) in `write_watch` and sends its record with EDR_FILE_WATCH, even when the open
+ * itself is not reported (deduplicated, or a plain write open), so user space can map the fd
+ * to the path. The first write-like syscall on that fd deletes the entry and emits
+ * EDR_EV_FILE_WRITE (tgid, fd, open_id): one "write" per open, sent at syscall entry (an
+ * attempted write). close and dup2/dup3 over the fd drop the entry; dup2/dup3 of a watched fd
+ * copy it (same open_id, so user space still reports one write per open). Not seen: writes
+ * through mmap, io_uring, AIO, fds duplicated with dup or F_DUPFD, and fds inherited by a
+ * fork child. Entries left by close_range, exec closing O_CLOEXEC fds or process exit stay
+ * until the LRU evicts them; a write record for them carries an open_id user space has
+ * dropped (at exec/exit) and is ignored.
+ * Read-only opens are reported only for absolute paths under the prefixes in
+ * `sensitive_prefixes`.
  * Filters in the kernel: absolute paths under `exclude_prefixes`, the sensor's own tgids, and
- * repeats of the same open (tgid, flags, path hash) within EDR_DEDUP_NS.
+ * repeats of the same reported open (tgid, flags, path hash) within EDR_DEDUP_NS.
  * Caveats: paths are the user's strings (up to EDR_PATH_LEN bytes); relative and dirfd-based
  * paths are resolved in user space, so the kernel filters apply only to absolute paths.
  */
@@ -29,6 +46,13 @@
 #define EDR_O_TRUNC 01000
 #define EDR_EACCES 13
 #define EDR_EPERM 1
+/* BCC's generated argument struct for sys_enter_pwritev2 names rwf_t, which the generic
+ * headers lack; an identical typedef repeated is valid C11 where real headers define it. */
+typedef int rwf_t;
+
+#ifndef EDR_WRITE_WATCH_ENTRIES
+#define EDR_WRITE_WATCH_ENTRIES 16384
+#endif
 
 struct edr_path_key {
     __u32 prefixlen; /* in bits */
@@ -47,6 +71,14 @@ BPF_TABLE("lru_hash", struct edr_dedup_key, __u64, open_dedup, 16384);
 BPF_PERCPU_ARRAY(file_scratch, struct edr_file_event, 1);
 BPF_PERCPU_ARRAY(path_key_scratch, struct edr_path_key, 1);
 BPF_HASH(file_stash, __u32, struct edr_file_event, EDR_STASH_ENTRIES);
+
+struct edr_watch_key {
+    __u32 tgid;
+    __s32 fd;
+};
+
+/* (tgid, fd) of write-capable opens not yet written through -> open_id */
+BPF_TABLE("lru_hash", struct edr_watch_key, __u64, write_watch, EDR_WRITE_WATCH_ENTRIES);
 
 /* Fill the per-CPU trie key from a path; NULL for relative paths, which never match. A stale
  * tail after the NUL does not matter: the NUL itself differs from any prefix character. */
@@ -103,6 +135,8 @@ static __always_inline struct edr_file_event *edr_file_begin(__u32 op)
     e->mode = 0;
     e->owner_uid = (__u32)-1;
     e->owner_gid = (__u32)-1;
+    e->emit = EDR_FILE_REPORT;
+    e->_pad0 = 0;
     e->ret = 0;
     e->path[0] = 0;
     e->path2[0] = 0;
@@ -136,9 +170,15 @@ static __always_inline int edr_open_enter(int dfd, const char *upath, __u64 flag
         return 0;
     if (edr_file_path(e, upath))
         return 0;
-    int writes = (flags & EDR_O_ACCMODE) != 0 || (flags & (EDR_O_CREAT | EDR_O_TRUNC)) != 0;
-    if (!writes && !edr_sensitive(e->path))
+    int trunc_only = (flags & (EDR_O_CREAT | EDR_O_TRUNC)) == EDR_O_TRUNC;
+    __u32 emit = 0;
+    if ((flags & (EDR_O_CREAT | EDR_O_TRUNC)) || edr_sensitive(e->path))
+        emit |= EDR_FILE_REPORT;
+    if ((flags & EDR_O_ACCMODE) && !trunc_only)
+        emit |= EDR_FILE_WATCH;
+    if (!emit)
         return 0;
+    e->emit = emit;
     e->dfd = dfd;
     e->flags = (__u32)flags;
     e->mode = mode;
@@ -320,23 +360,32 @@ static __always_inline int edr_file_exit(long ret)
         report = ret >= 0;
     else
         report = ret == 0 || ret == -EDR_EACCES || ret == -EDR_EPERM;
-    if (report && e->op == EDR_FILE_OPEN) {
+    if (!report) {
+        file_stash.delete(&tid);
+        return 0;
+    }
+    edr_header_fill(&e->h, EDR_EV_FILE);
+    e->ret = ret;
+    if (e->op == EDR_FILE_OPEN && (e->emit & EDR_FILE_REPORT)) {
         struct edr_dedup_key k = {};
-        k.tgid = bpf_get_current_pid_tgid() >> 32;
+        k.tgid = e->h.pid;
         k.flags = e->flags;
         k.hash = edr_path_hash(e->path);
-        __u64 now = bpf_ktime_get_boot_ns();
+        __u64 now = e->h.ktime_ns;
         __u64 *last = open_dedup.lookup(&k);
         if (last && now - *last < EDR_DEDUP_NS)
-            report = 0;
+            e->emit &= ~EDR_FILE_REPORT;
         else
             open_dedup.update(&k, &now);
     }
-    if (report) {
-        edr_header_fill(&e->h, EDR_EV_FILE);
-        e->ret = ret;
-        edr_submit(e, sizeof(*e), EDR_EV_FILE);
+    if (e->op == EDR_FILE_OPEN && (e->emit & EDR_FILE_WATCH)) {
+        struct edr_watch_key w = {.tgid = e->h.pid, .fd = (__s32)ret};
+        __u64 open_id = e->h.ktime_ns;
+        if (write_watch.update(&w, &open_id))
+            e->emit &= ~EDR_FILE_WATCH;
     }
+    if (e->emit)
+        edr_submit(e, sizeof(*e), EDR_EV_FILE);
     file_stash.delete(&tid);
     return 0;
 }
@@ -362,4 +411,75 @@ TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return edr_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_chmod) { return edr_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_chown) { return edr_file_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_lchown) { return edr_file_exit(args->ret); }
+#endif
+
+/* The first write-like call on a watched fd: one record, and the entry goes. Most writes
+ * are on fds that are not watched, so a lockless lookup comes before the delete; the delete's
+ * result decides between threads racing on the same fd. */
+static __always_inline int edr_write_enter(long fd)
+{
+    struct edr_watch_key k = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = (__s32)fd};
+    __u64 *id = write_watch.lookup(&k);
+
+    if (!id)
+        return 0;
+    __u64 open_id = *id;
+    if (write_watch.delete(&k))
+        return 0;
+    struct edr_write_event ev = {};
+    edr_header_fill(&ev.h, EDR_EV_FILE_WRITE);
+    ev.fd = (__s32)fd;
+    ev.open_id = open_id;
+    edr_submit(&ev, sizeof(ev), EDR_EV_FILE_WRITE);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return edr_write_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_pwrite64) { return edr_write_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return edr_write_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_pwritev) { return edr_write_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_pwritev2) { return edr_write_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_copy_file_range) { return edr_write_enter(args->fd_out); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) { return edr_write_enter(args->out_fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_splice) { return edr_write_enter(args->fd_out); }
+TRACEPOINT_PROBE(syscalls, sys_enter_ftruncate) { return edr_write_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_fallocate) { return edr_write_enter(args->fd); }
+
+static __always_inline void edr_watch_drop(__u32 tgid, long fd)
+{
+    struct edr_watch_key k = {.tgid = tgid, .fd = (__s32)fd};
+
+    if (write_watch.lookup(&k))
+        write_watch.delete(&k);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    edr_watch_drop(bpf_get_current_pid_tgid() >> 32, args->fd);
+    return 0;
+}
+
+/* dup2/dup3 close newfd first; a watched oldfd passes its watch on (same open_id). Done at
+ * entry: a failing dup2 of a watched fd at worst loses or misplaces one write event. */
+static __always_inline int edr_dup_enter(long oldfd, long newfd)
+{
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct edr_watch_key old = {.tgid = tgid, .fd = (__s32)oldfd};
+
+    if (oldfd == newfd)
+        return 0;
+    __u64 *id = write_watch.lookup(&old);
+    if (id) {
+        __u64 open_id = *id;
+        struct edr_watch_key k = {.tgid = tgid, .fd = (__s32)newfd};
+        write_watch.update(&k, &open_id);
+    } else {
+        edr_watch_drop(tgid, newfd);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { return edr_dup_enter(args->oldfd, args->newfd); }
+#ifdef EDR_HAVE_LEGACY_SYSCALLS
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { return edr_dup_enter(args->oldfd, args->newfd); }
 #endif

@@ -43,11 +43,31 @@ def file_record(
     ret: int = 0,
     path2: bytes = b"",
     dfd2: int = -100,
+    emit: int = ebpf.FILE_REPORT,
+    ktime_ns: int = 5_000_000_000,
 ) -> bytes:
     body = struct.pack(
-        "<IIiiiIIIq256s256s", op, flags, dfd, dfd2, fd, mode, owner[0], owner[1], ret, path, path2
+        "<IIiiiIIIIIq256s256s",
+        op,
+        flags,
+        dfd,
+        dfd2,
+        fd,
+        mode,
+        owner[0],
+        owner[1],
+        emit,
+        0,
+        ret,
+        path,
+        path2,
     )
-    return header(EventType.FILE, pid) + body
+    return HDR.pack(EventType.FILE, pid, pid, 1000, 1000, 0, ktime_ns, b"prog") + body
+
+
+def write_record(pid: int, fd: int, open_id: int, ktime_ns: int = 6_000_000_000) -> bytes:
+    hdr = HDR.pack(EventType.FILE_WRITE, pid, pid, 1000, 1000, 0, ktime_ns, b"prog")
+    return hdr + struct.pack("<iIQ", fd, 0, open_id)
 
 
 def net_record(
@@ -83,13 +103,14 @@ PID, PARENT = 4_000_001, 4_000_000
 def test_mirror_sizes_match_the_header_constants() -> None:
     assert ebpf.HEADER.size == 48
     assert ebpf.EXEC.size == 48 + 16 + 256 + 2 * 4096
-    assert ebpf.FILE.size == 48 + 40 + 512
+    assert ebpf.FILE.size == 48 + 48 + 512
+    assert ebpf.WRITE.size == 48 + 16
     assert ebpf.NET.size == 48 + 8 + 32 + 8
 
 
 def test_event_type_enum_mirrors_events_h() -> None:
     text = (ebpf.BPF_DIR / "events.h").read_text()
-    c_types = {m[0]: int(m[1]) for m in re.findall(r"EDR_EV_([A-Z]+) = (\d+)", text)}
+    c_types = {m[0]: int(m[1]) for m in re.findall(r"EDR_EV_([A-Z_]+) = (\d+)", text)}
     assert c_types.pop("MAX") == ebpf.EVENT_TYPE_MAX
     assert c_types == {t.name: t.value for t in EventType}
     c_ops = {m[0]: int(m[1]) for m in re.findall(r"EDR_FILE_([A-Z]+) = (\d+)", text)}
@@ -161,8 +182,8 @@ def test_chdir_updates_cwd_for_relative_file_paths(source) -> None:
 @pytest.mark.parametrize(
     ("op", "flags", "action"),
     [
-        (FileOp.OPEN, 0o1, "write"),
-        (FileOp.OPEN, 0o1000, "write"),
+        (FileOp.OPEN, 0o1, "open"),  # reported only when sensitive; the write comes later
+        (FileOp.OPEN, 0o1000, "write"),  # truncation is a write at open
         (FileOp.OPEN, 0o101, "create"),
         (FileOp.OPEN, 0o0, "open"),
         (FileOp.UNLINK, 0, "delete"),
@@ -205,6 +226,95 @@ def test_user_space_filters_apply_after_resolution(source) -> None:
     src.handle_record(file_record(os.getpid(), FileOp.OPEN, b"/tmp/own", flags=1))
     assert events == []
     assert src.filtered == 1
+
+
+WATCH = ebpf.FILE_WATCH
+REPORT_WATCH = ebpf.FILE_REPORT | ebpf.FILE_WATCH
+O_WRONLY_CREAT_TRUNC = 0o1101
+
+
+def test_decode_write_record() -> None:
+    r = ebpf.decode_write(write_record(PID, 7, 123_456))
+    assert (r.h.type, r.h.pid, r.fd, r.open_id) == (EventType.FILE_WRITE, PID, 7, 123_456)
+    assert r.h.ktime_ns == 6_000_000_000 and r.h.comm == "prog"
+    with pytest.raises(ebpf.DecodeError):
+        ebpf.decode_write(write_record(PID, 7, 1)[:-1])
+
+
+def test_decode_file_record_emit_bits() -> None:
+    r = ebpf.decode_file(file_record(PID, FileOp.OPEN, b"/tmp/f", flags=1, emit=WATCH, ret=3))
+    assert r.emit == WATCH and r.ret == 3 and r.path == "/tmp/f"
+
+
+def test_create_then_first_write(source) -> None:
+    src, events = source
+    src.handle_record(
+        file_record(
+            PID, FileOp.OPEN, b"/tmp/new", flags=O_WRONLY_CREAT_TRUNC, emit=REPORT_WATCH, ret=3
+        )
+    )
+    src.handle_record(write_record(PID, 3, open_id=5_000_000_000))
+    assert [(e["event"]["action"], e["file"]["path"]) for e in events] == [
+        ("create", "/tmp/new"),
+        ("write", "/tmp/new"),
+    ]
+    w = events[1]
+    assert w["process"]["pid"] == PID
+    assert w["@timestamp"] != events[0]["@timestamp"]  # the write's own time
+    assert src.counters()["watched_writes"] == 0
+
+
+def test_watch_only_open_emits_nothing_until_written(source) -> None:
+    src, events = source
+    src.handle_record(file_record(PID, FileOp.OPEN, b"/tmp/old", flags=0o2, emit=WATCH, ret=4))
+    assert events == []
+    src.handle_record(write_record(PID, 4, open_id=5_000_000_000))
+    src.handle_record(write_record(PID, 4, open_id=5_000_000_000))  # a dup2'd copy, say
+    assert [e["event"]["action"] for e in events] == ["write"]
+    assert src.stale_writes == 1
+
+
+def test_write_for_unknown_or_other_process_open_is_dropped(source) -> None:
+    src, events = source
+    src.handle_record(file_record(PID, FileOp.OPEN, b"/tmp/a", flags=1, emit=WATCH, ret=3))
+    src.handle_record(write_record(PID + 1, 3, open_id=5_000_000_000))
+    src.handle_record(write_record(PID, 3, open_id=1))
+    assert events == [] and src.stale_writes == 2
+
+
+def test_exit_and_cloexec_exec_forget_watched_opens(source) -> None:
+    src, events = source
+    cloexec = 0o2000000
+    src.handle_record(
+        file_record(PID, FileOp.OPEN, b"/tmp/c", flags=1 | cloexec, emit=WATCH, ktime_ns=1)
+    )
+    src.handle_record(file_record(PID, FileOp.OPEN, b"/tmp/k", flags=1, emit=WATCH, ktime_ns=2))
+    src.handle_record(exec_record(PID, b"/bin/true", b"true\0", 1))
+    src.handle_record(write_record(PID, 3, open_id=1))  # closed by exec: stale
+    assert src.stale_writes == 1
+    src.handle_record(header(EventType.EXIT, PID) + struct.pack("<iiII", 0, 0, 1, 0))
+    src.handle_record(write_record(PID, 4, open_id=2))  # pid gone: stale
+    assert src.stale_writes == 2
+    assert not [e for e in events if e["event"]["action"] == "write"]
+    assert src.counters()["watched_writes"] == 0
+
+
+def test_watched_opens_are_bounded(source, monkeypatch) -> None:
+    src, _events = source
+    monkeypatch.setattr(ebpf, "WRITE_WATCH_ENTRIES", 3)
+    for i in range(5):
+        src.handle_record(
+            file_record(PID, FileOp.OPEN, b"/tmp/b", flags=1, emit=WATCH, ktime_ns=i + 1)
+        )
+    assert list(src._writes) == [(PID, 3), (PID, 4), (PID, 5)]
+    assert src._writes_by_pid == {PID: {3, 4, 5}}
+
+
+def test_filtered_watch_is_not_remembered(source) -> None:
+    src, events = source
+    src.handle_record(file_record(PID, FileOp.OPEN, b"/proc/self/comm", flags=1, emit=WATCH))
+    src.handle_record(write_record(PID, 3, open_id=5_000_000_000))
+    assert events == [] and src.stale_writes == 1
 
 
 def test_tcp_connect_ipv4(source) -> None:

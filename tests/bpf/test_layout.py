@@ -18,6 +18,7 @@ MAPS = {
     "layout_exit": ebpf.EXIT,
     "layout_chdir": ebpf.CHDIR,
     "layout_file": ebpf.FILE,
+    "layout_write": ebpf.WRITE,
     "layout_net": ebpf.NET,
 }
 

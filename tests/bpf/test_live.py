@@ -115,11 +115,12 @@ def test_file_operations_with_relative_paths(sensor, tmp_path: Path) -> None:
         cwd=work,
     )
     mine = _pid_is(pid)
-    events = sensor.wait_for(lambda e: mine(e) and "file" in e, count=9)
+    events = sensor.wait_for(lambda e: mine(e) and "file" in e, count=10)
     got = [(e["event"]["action"], e["file"]["path"]) for e in events]
     w = str(work)
     assert got == [
         ("create", f"{w}/created.txt"),
+        ("write", f"{w}/created.txt"),
         ("write", f"{w}/created.txt"),
         ("rename", f"{w}/renamed.txt"),
         ("chmod", f"{w}/renamed.txt"),
@@ -129,13 +130,64 @@ def test_file_operations_with_relative_paths(sensor, tmp_path: Path) -> None:
         ("delete", f"{w}/sub"),
         ("delete", f"{w}/renamed.txt"),
     ], got
-    assert events[2]["file"]["Ext"]["original"]["path"] == f"{w}/created.txt"
-    assert events[3]["file"]["mode"] == "600"
-    assert events[4]["file"]["uid"] == "1234"
-    assert all(e["event"]["outcome"] == "success" for e in events)
+    assert events[3]["file"]["Ext"]["original"]["path"] == f"{w}/created.txt"
+    assert events[4]["file"]["mode"] == "600"
+    assert events[5]["file"]["uid"] == "1234"
+    assert all(e["event"].get("outcome", "success") == "success" for e in events)
     assert not sensor.find(
         lambda e: mine(e) and e.get("file", {}).get("path", "").startswith("/proc")
     )
+
+
+def test_first_write_per_open(sensor, tmp_path: Path) -> None:
+    existing = tmp_path / "existing.txt"
+    existing.write_text("before")  # by the test process: ignored by the sensor
+    pid, _ = run_child(
+        """
+        import json, os
+        fd = os.open("created.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"x")                      # create, then write
+        os.close(fd)
+        fd = os.open("existing.txt", os.O_WRONLY)
+        os.close(fd)                            # write-capable open, never written: nothing
+        fd = os.open("twice.txt", os.O_RDWR | os.O_CREAT, 0o644)
+        os.write(fd, b"a")
+        os.pwrite(fd, b"b", 5)                  # second write on the same fd: no event
+        os.writev(fd, [b"c"])
+        os.close(fd)
+        fd = os.open("twice.txt", os.O_WRONLY | os.O_APPEND)
+        os.writev(fd, [b"d", b"e"])             # re-opened: a second write event
+        os.close(fd)
+        fd = os.open("dup.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.dup2(fd, 9)                          # shell redirection: the watch follows dup2
+        os.close(fd)
+        os.write(9, b"f")
+        os.close(9)
+        open("marker.txt", "w").close()
+        print(json.dumps({}))
+        """,
+        cwd=tmp_path,
+    )
+    mine = _pid_is(pid)
+    marker = str(tmp_path / "marker.txt")
+    assert sensor.wait_for(lambda e: mine(e) and e.get("file", {}).get("path") == marker)
+    got = [
+        (e["event"]["action"], e["file"]["path"].rpartition("/")[2])
+        for e in sensor.find(lambda e: mine(e) and "file" in e)
+    ]
+    assert got == [
+        ("create", "created.txt"),
+        ("write", "created.txt"),
+        ("create", "twice.txt"),
+        ("write", "twice.txt"),
+        ("write", "twice.txt"),
+        ("create", "dup.txt"),
+        ("write", "dup.txt"),
+        ("create", "marker.txt"),
+    ], got
+    writes = sensor.find(lambda e: mine(e) and e["event"]["action"] == "write")
+    assert all(e["file"]["directory"] == str(tmp_path) for e in writes)
+    assert all(e["process"]["executable"] == os.path.realpath(sys.executable) for e in writes)
 
 
 def test_sensor_own_activity_is_filtered(sensor, tmp_path: Path) -> None:
