@@ -26,6 +26,7 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import select
 import socket
 import struct
@@ -78,13 +79,15 @@ class ProcMessage:
     tgid: int = 0  # process id (fork: the child's)
     parent_tgid: int = 0
     exit_status: int = 0  # wait(2) status: (code << 8) | signal | core-dump bit
-    ack_err: int = 0  # PROC_EVENT_NONE: the kernel's answer to our subscription
+    ack_err: int = 0  # PROC_EVENT_NONE: the kernel's answer to a subscription
+    seq: int = 0  # cn_msg seq/ack: an answer carries the request's ack + 1
+    ack: int = 0
 
 
-def control_message(op: int, seq: int = 0) -> bytes:
+def control_message(op: int, seq: int = 0, ack: int = 0) -> bytes:
     """The netlink datagram that subscribes (``PROC_CN_MCAST_LISTEN``) or unsubscribes."""
     payload = struct.pack("=I", op)
-    cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, seq, 0, len(payload), 0) + payload
+    cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, seq, ack, len(payload), 0) + payload
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(cn), NLMSG_DONE, 0, seq, 0) + cn
 
 
@@ -118,7 +121,7 @@ def _decode_event(whole: bytes, start: int, end: int) -> ProcMessage | None:
     buf = memoryview(whole)[:end]
     if start + _CN_MSG.size + _EVENT_HEAD.size > end:
         return None
-    idx, val, *_ = _CN_MSG.unpack_from(buf, start)
+    idx, val, seq, ack, *_ = _CN_MSG.unpack_from(buf, start)
     if (idx, val) != (CN_IDX_PROC, CN_VAL_PROC):
         return None
     at = start + _CN_MSG.size
@@ -136,7 +139,7 @@ def _decode_event(whole: bytes, start: int, end: int) -> ProcMessage | None:
             return ProcMessage(what, ts, pid=pid, tgid=tgid, parent_tgid=ptgid, exit_status=status)
         if what == PROC_EVENT_NONE:
             (err,) = _ACK.unpack_from(buf, at) if at + _ACK.size <= end else (0,)
-            return ProcMessage(what, ts, ack_err=err)
+            return ProcMessage(what, ts, ack_err=err, seq=seq, ack=ack)
     except struct.error:
         return None
     return None
@@ -353,7 +356,11 @@ def _subscribe(rcvbuf: int) -> socket.socket:
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.bind((0, CN_IDX_PROC))
-        sock.send(control_message(PROC_CN_MCAST_LISTEN))
+        # Answers are multicast to every listener: a random ack tells ours apart from another
+        # program's subscription answered at the same moment (the kernel echoes ack + 1; its
+        # seq is the kernel's own counter on 6.18, so it cannot be matched).
+        seq, ack = secrets.randbits(32), secrets.randbits(31)
+        sock.send(control_message(PROC_CN_MCAST_LISTEN, seq, ack))
         # The kernel answers the subscription with a PROC_EVENT_NONE carrying an error code.
         # No answer at all means it ignored us: requests from outside the initial user and
         # pid namespaces are dropped silently, and then no events would ever arrive.
@@ -366,7 +373,7 @@ def _subscribe(rcvbuf: int) -> socket.socket:
             except TimeoutError:
                 break
             for msg in decode(data):
-                if msg.what == PROC_EVENT_NONE:
+                if msg.what == PROC_EVENT_NONE and msg.ack == ack + 1:
                     if msg.ack_err:
                         raise OSError(msg.ack_err, os.strerror(msg.ack_err))
                     acked = True
