@@ -2,6 +2,16 @@
 
 ``open_store`` gives the default SQLite implementation; the ``Store`` protocol and the records
 and errors in ``controller.store.interface`` are what the rest of the controller depends on.
+
+Wiring in the controller (all calls block: run them in an executor thread):
+
+* backplane: ``upsert_host`` on HELLO (host id from the client certificate), then
+  ``ingest_batch`` per batch and ack only after it returns (``False`` = duplicate, ack too),
+  ``record_heartbeat``, ``pending_commands``/``mark_sent``/``record_result``, and
+  ``requeue_unacknowledged`` when a sensor's connection drops.
+* one background maintenance thread: loop ``index_pending()`` (full text and process
+  ancestry; sleep ~1 s when it returns 0), ``checkpoint()``, and every few minutes
+  ``expire_commands()`` and ``apply_retention(max_age, max_bytes)``.
 """
 
 from __future__ import annotations
