@@ -19,9 +19,9 @@ SOURCES: dict[tuple[Tier, Family], str] = {
     (Tier.TRACEPOINT, Family.PROCESS): "sensor.ebpf:TracepointSource",
     (Tier.TRACEPOINT, Family.FILE): "sensor.ebpf:TracepointSource",
     (Tier.TRACEPOINT, Family.NETWORK): "sensor.ebpf:TracepointSource",
-    (Tier.FALLBACK, Family.PROCESS): "sensor.fallback:process_source_class",
-    (Tier.FALLBACK, Family.FILE): "sensor.fallback:InotifySource",
-    (Tier.FALLBACK, Family.NETWORK): "sensor.fallback:SockDiagSource",
+    (Tier.FALLBACK, Family.PROCESS): "sensor.fallback:choose_process_source",
+    (Tier.FALLBACK, Family.FILE): "sensor.fallback:InotifyFileSource",
+    (Tier.FALLBACK, Family.NETWORK): "sensor.fallback:TcpPollSource",
 }
 
 
@@ -37,5 +37,6 @@ def source_for(tier: Tier, family: Family) -> tuple[type[Source] | None, str | N
         return None, f"cannot load {target}: {exc}"
     if isinstance(obj, type):
         return obj, None
-    # A factory picks the class for this environment (e.g. proc connector vs /proc polling).
-    return obj(), None
+    # A factory picks the class for this environment (proc connector vs /proc polling).
+    chosen, _why = obj()
+    return chosen, None

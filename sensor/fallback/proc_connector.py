@@ -270,10 +270,12 @@ class ProcConnectorSource(Source):
             if msg.pid != msg.tgid or msg.tgid in ignored or msg.parent_tgid == KTHREADD_PID:
                 return
             code, sig, core = split_status(msg.exit_status)
-            info = self.ctx.table.exit(msg.tgid, code)
+            # As in every tier: killed by a signal is exit_code -signal (never confused with a
+            # genuine exit(137)), the signal itself in edr.exit_signal.
+            info = self.ctx.table.exit(msg.tgid, -sig if sig is not None else code)
             ev = self.event(Action.EXIT, info, epoch_ns=epoch_ns)
             if sig is not None:
-                ev["edr"]["signal"] = sig
+                ev["edr"]["exit_signal"] = sig
                 ev["edr"]["core_dumped"] = core
             self._emit(ev)
         elif msg.what == PROC_EVENT_NONE and msg.ack_err:

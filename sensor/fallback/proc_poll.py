@@ -40,9 +40,11 @@ class ProcPollSource(Source):
         ctx: CaptureContext,
         families: frozenset[Family],
         *,
-        interval: float = DEFAULT_INTERVAL_S,
+        interval: float | None = None,
     ) -> None:
         super().__init__(ctx, families)
+        if interval is None:
+            interval = ctx.poll_interval
         if not interval > 0:
             raise ValueError(f"poll interval must be positive, got {interval!r}")
         self.interval = interval

@@ -121,8 +121,8 @@ def test_handle_ignores_threads_own_pids_and_never_invents_an_image() -> None:
     assert fork["event"]["action"] == "fork" and fork["process"]["parent"]["pid"] == me
     assert "executable" not in exec_["process"] and "args" not in exec_["process"]
     assert "exited before /proc was read" in exec_["edr"]["incomplete"]
-    assert exit_["edr"]["signal"] == 6 and exit_["edr"]["core_dumped"] is True
-    assert "exit_code" not in exit_["process"]
+    assert exit_["edr"]["exit_signal"] == 6 and exit_["edr"]["core_dumped"] is True
+    assert exit_["process"]["exit_code"] == -6
     assert src.counters()["incomplete"] == 1 and src.submitted == 3
 
 
@@ -152,7 +152,7 @@ def _check_connector_run(out: dict[str, Any]) -> None:
     assert caught["args"] == ["/bin/true", out["runs"][-1]["marker"], "--second-arg"]
     assert caught["name"] == "true"
     (killed,) = _by(events, "exit", out["killed_pid"])
-    assert killed["edr"]["signal"] == 9 and "exit_code" not in killed["process"]
+    assert killed["edr"]["exit_signal"] == 9 and killed["process"]["exit_code"] == -9
     (failing,) = _by(events, "exit", out["failing_pid"])
     assert failing["process"]["exit_code"] == 7
 
