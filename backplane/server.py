@@ -278,8 +278,10 @@ class BackplaneServer:
                 log.warning("backplane: refused handshake from %s (conn %s): %s",
                             conn.peer, rid.hex(), reason)
             else:
-                log.warning("backplane: closing session of host %s from %s: %s",
-                            conn.host_id, conn.peer, reason)
+                # A sensor shutting down closes TLS cleanly: not worth a warning.
+                level = logging.INFO if reason == "peer closed the TLS session" else logging.WARNING
+                log.log(level, "backplane: closing session of host %s from %s: %s",
+                        conn.host_id, conn.peer, reason)
             self._flush(conn)  # carries the TLS alert, so the peer learns why
             self._spawn(self._drop(conn, reason, error=("protocol", reason) if was_open else None))
             return
