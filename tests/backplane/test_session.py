@@ -185,12 +185,20 @@ def test_plain_and_garbage_refused(payload: list[bytes], server: ServerThread,
     assert server.run(lambda: len(server.server.sessions)) == 0
 
 
-def test_plain_tcp_bytes_do_not_hurt(server: ServerThread) -> None:
+def test_plain_tcp_bytes_do_not_hurt(tmp_path: Path, pki: Pki, server: ServerThread) -> None:
     port = int(server.endpoint.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-        s.sendall(b"\x00" * 64 + b"not zmtp at all")
-    # The server still works for a good client afterwards (checked via a handshake timeout).
+        s.sendall(b"\xff" + b"\x00" * 64 + b"not zmtp at all")
     assert server.run(lambda: len(server.server.sessions)) == 0
+    # The server still serves a good sensor afterwards.
+    ob = Outbox(tmp_path / "ob.db")
+    client = make_client(pki.client_config(server.endpoint, pki.client("beef")), ob)
+    client.start()
+    try:
+        assert client.connected.wait(5)
+    finally:
+        client.stop()
+        ob.close()
 
 
 def test_revoked_open_session_dropped(tmp_path: Path, pki: Pki, hooks: SqliteHooks,
