@@ -300,7 +300,7 @@ class TcpPollSource(Source):
         if pid is None:
             self.unattributed += 1
         if s.state == TCP_LISTEN:
-            action, src, dst = Action.LISTEN, s.local, None
+            action, src, dst = Action.LISTEN, None, s.local  # ECS: the local end is destination
         elif s.local[1] in listening:
             action, src, dst = Action.ACCEPT, s.remote, s.local
         else:

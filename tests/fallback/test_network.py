@@ -87,9 +87,9 @@ def test_listen_connect_accept_ipv4_ipv6(
     seen = {
         (
             e["event"]["action"],
-            e["source"]["ip"],
-            e["source"]["port"],
-            (e.get("destination") or {}).get("port"),
+            (e.get("source") or e["destination"])["ip"],
+            (e.get("source") or e["destination"])["port"],
+            (e.get("destination") or {}).get("port") if "source" in e else None,
         )
         for e in mine
     }
@@ -152,7 +152,7 @@ def test_sock_diag_failure_falls_back_to_proc(monkeypatch: pytest.MonkeyPatch) -
         src.poll_once()
     src.close()
     mine = [e for e in events if e.get("process", {}).get("pid") == os.getpid()]
-    assert [(e["event"]["action"], e["source"]["port"]) for e in mine] == [("listen", port)]
+    assert [(e["event"]["action"], e["destination"]["port"]) for e in mine] == [("listen", port)]
     # Asked for sock_diag explicitly, its failure is the source's failure.
     forced = TcpPollSource(_ctx([]), ALL, backend="sock_diag")
     with pytest.raises(TierUnavailable, match="sock_diag unavailable"):

@@ -247,14 +247,18 @@ def test_tracepoint_tier_end_to_end(workdir: Path) -> None:
 def test_fallback_tier_as_root_end_to_end(workdir: Path) -> None:
     sensor = start_sensor(workdir, "fallback")
     try:
-        tag = marker()
-        subprocess.run(["/bin/sh", "-c", "exit 7", tag], check=False)
-        ev = sensor.wait_for(is_exec_with(tag))  # the proc connector sees even short lives
+        # The proc connector sees every exec and exit, even of a process too short-lived for
+        # its argv to be read from /proc afterwards; a longer one is seen with its argv.
+        short = subprocess.Popen(["/bin/sh", "-c", "exit 7"])
+        short.wait()
+        ev = sensor.wait_for(lambda e: has(e, "exec", process__pid=short.pid))
         assert ev["process"]["parent"]["pid"] == os.getpid()
-        exit_ev = sensor.wait_for(
-            lambda e: has(e, "exit", process__entity_id=ev["process"]["entity_id"])
-        )
+        exit_ev = sensor.wait_for(lambda e: has(e, "exit", process__pid=short.pid))
         assert exit_ev["process"]["exit_code"] == 7
+        tag = marker()
+        subprocess.run([sys.executable, "-c", "import time; time.sleep(0.5)", tag], check=True)
+        ev = sensor.wait_for(is_exec_with(tag))
+        assert ev["process"]["parent"]["pid"] == os.getpid()
         check_files(sensor, workdir / "watched", with_process=False)
         check_network(sensor, hold=1.0, with_process=True)
     finally:
