@@ -102,7 +102,8 @@ def test_listen_connect_accept_ipv4_ipv6(
     assert len(mine) == 6, mine  # each once, nothing twice
     for e in mine:
         assert e["network"]["transport"] == "tcp"
-        assert e["network"]["type"] == ("ipv6" if ":" in e["source"]["ip"] else "ipv4")
+        ip = (e.get("source") or e["destination"])["ip"]
+        assert e["network"]["type"] == ("ipv6" if ":" in ip else "ipv4")
         assert e["user"]["id"] == str(out["euid"])
         assert e["edr"]["discovered"] == f"poll:{backend}"
     directions = {e["event"]["action"]: e["network"].get("direction") for e in mine}
