@@ -225,6 +225,7 @@ class SpawnResult:
     spawned: int
     failed: int
     elapsed: float
+    cpu: float = 0.0  # user + system seconds of the workers and all their children
 
     @property
     def rate(self) -> float:
@@ -268,6 +269,7 @@ def run_spawner(
             spawned=int(data["spawned"]),
             failed=int(data["failed"]),
             elapsed=float(data["elapsed"]),
+            cpu=float(data["cpu"]),
         )
     except (ValueError, KeyError, TypeError):
         raise BenchError(f"spawner printed an unreadable result: {proc.stdout!r}") from None
@@ -782,6 +784,7 @@ class Measurement:
     failed: int
     elapsed: float
     rate: float
+    workload_cpu: float = 0.0
     captured: int | None = None
     drops: int | None = None
     cpu_seconds: float | None = None
@@ -791,6 +794,10 @@ class Measurement:
     @property
     def captured_pct(self) -> float | None:
         return None if self.captured is None else 100.0 * self.captured / self.spawned
+
+    @property
+    def cpu_per_spawn_us(self) -> float:
+        return 1e6 * self.workload_cpu / self.spawned
 
     @property
     def cpu_pct(self) -> float | None:
@@ -848,6 +855,7 @@ def measure(
         failed=spawn.failed,
         elapsed=spawn.elapsed,
         rate=spawn.rate,
+        workload_cpu=spawn.cpu,
         captured=capture.captured,
         drops=capture.drops,
         cpu_seconds=(ticks1 - ticks0) / CLK_TCK if pids else None,
@@ -870,12 +878,14 @@ class Row:
     drops: int | None
     slowdown: float | None
     cpu_pct: float | None
+    cpu_per_spawn_us: float
+    cpu_slowdown: float | None
 
 
 def summarize(results: list[Measurement]) -> list[Row]:
     """Medians per (tracer, workers). Slowdown is the median of per-round ratios to the
     same round's untraced rate, so slow drift of the machine cancels out."""
-    untraced = {(m.round, m.workers): m.rate for m in results if m.tracer == "untraced"}
+    untraced = {(m.round, m.workers): m for m in results if m.tracer == "untraced"}
     order: list[tuple[str, int]] = []
     for m in results:
         if (m.tracer, m.workers) not in order:
@@ -883,8 +893,10 @@ def summarize(results: list[Measurement]) -> list[Row]:
     rows = []
     for tracer, workers in sorted(order, key=lambda k: (k[1], order.index(k))):
         ms = [m for m in results if m.tracer == tracer and m.workers == workers]
-        ratios = [
-            untraced[(m.round, workers)] / m.rate for m in ms if (m.round, workers) in untraced
+        refs = [(untraced[(m.round, workers)], m) for m in ms if (m.round, workers) in untraced]
+        ratios = [ref.rate / m.rate for ref, m in refs]
+        cpu_ratios = [
+            m.cpu_per_spawn_us / ref.cpu_per_spawn_us for ref, m in refs if ref.workload_cpu > 0
         ]
         caps = [m.captured_pct for m in ms if m.captured_pct is not None]
         drops = [m.drops for m in ms if m.drops is not None]
@@ -900,6 +912,8 @@ def summarize(results: list[Measurement]) -> list[Row]:
                 drops=None if drop_median is None else round(drop_median),
                 slowdown=_median(ratios),
                 cpu_pct=_median(cpus),
+                cpu_per_spawn_us=statistics.median(m.cpu_per_spawn_us for m in ms),
+                cpu_slowdown=_median(cpu_ratios),
             )
         )
     return rows
@@ -910,7 +924,17 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("tracer", "workers", "spawns/s", "captured", "drops", "slowdown", "tracer CPU")
+    header = (
+        "tracer",
+        "workers",
+        "spawns/s",
+        "captured",
+        "drops",
+        "slowdown",
+        "tracer CPU",
+        "CPU/spawn",
+        "CPU ratio",
+    )
     lines = [header]
     for r in rows:
         lines.append(
@@ -922,6 +946,8 @@ def format_table(rows: list[Row]) -> str:
                 _fmt(r.drops, "d"),
                 _fmt(r.slowdown, ".3f", "x"),
                 _fmt(r.cpu_pct, ".1f", "%"),
+                f"{r.cpu_per_spawn_us:.0f} us",
+                _fmt(r.cpu_slowdown, ".3f", "x"),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -1007,12 +1033,13 @@ def run(config: Config, log: Callable[[str], None]) -> list[Measurement]:
                         continue
                     results.append(m)
                     cap = "" if m.captured is None else f", captured {m.captured}/{m.spawned}"
-                    cpu = "" if m.cpu_pct is None else f", CPU {m.cpu_pct:.1f}%"
+                    cpu = "" if m.cpu_pct is None else f", tracer CPU {m.cpu_pct:.1f}%"
                     drops = "" if m.drops is None else f", drops {m.drops}"
                     note = f" ({m.note})" if m.note else ""
                     log(
                         f"round {round_no} workers {workers} {tracer.name:<8} "
-                        f"{m.rate:,.0f} spawns/s{cap}{drops}{cpu}{note}"
+                        f"{m.rate:,.0f} spawns/s, {m.cpu_per_spawn_us:.0f} us CPU/spawn"
+                        f"{cap}{drops}{cpu}{note}"
                     )
         return results
 
@@ -1148,6 +1175,11 @@ def main(argv: list[str] | None = None) -> int:
             f"medians of {config.rounds} interleaved round(s), {os.cpu_count()} CPUs"
         )
         print(format_table(rows))
+        print(
+            "slowdown: untraced spawns/s over traced; CPU/spawn: user+system time of the storm's\n"
+            "processes per spawn (in-kernel tracing cost lands here); CPU ratio: that over\n"
+            "untraced, which other load on the machine disturbs far less than the rate."
+        )
         print()
         print("\n".join(check_targets(rows)))
         if config.json_path is not None:

@@ -201,6 +201,7 @@ def _m(tracer: str, workers: int, rnd: int, rate: float, **kw: object) -> object
         failed=0,
         elapsed=10.0,
         rate=rate,
+        workload_cpu=kw.pop("workload_cpu", rate * 10 * 500e-6),  # 500 us per spawn
         **kw,
     )
 
@@ -209,7 +210,17 @@ def test_summary_medians_and_per_round_slowdown() -> None:
     results = [
         _m("untraced", 2, 1, 2000.0),
         _m("sensor", 2, 1, 1950.0, captured=19500, drops=0, cpu_seconds=0.2, cpu_window=10.0),
-        _m("auditd", 2, 1, 1500.0, captured=15000, drops=4, cpu_seconds=1.0, cpu_window=10.0),
+        _m(
+            "auditd",
+            2,
+            1,
+            1500.0,
+            captured=15000,
+            drops=4,
+            cpu_seconds=1.0,
+            cpu_window=10.0,
+            workload_cpu=15000 * 1000e-6,  # twice untraced's CPU per spawn
+        ),
         _m("untraced", 2, 2, 1000.0),  # the machine got slower in round 2: ratios still hold
         _m("sensor", 2, 2, 980.0, captured=9800, drops=0, cpu_seconds=0.4, cpu_window=10.0),
         _m("auditd", 2, 2, 750.0, captured=7000, drops=6, cpu_seconds=1.2, cpu_window=10.0),
@@ -220,6 +231,9 @@ def test_summary_medians_and_per_round_slowdown() -> None:
     assert rows["sensor"].captured_pct == 100.0 and rows["sensor"].drops == 0
     assert rows["sensor"].cpu_pct == pytest.approx(3.0)
     assert rows["auditd"].drops == 5 and rows["auditd"].slowdown == pytest.approx(4 / 3)
+    assert rows["sensor"].cpu_per_spawn_us == pytest.approx(500.0)
+    assert rows["sensor"].cpu_slowdown == pytest.approx(1.0)
+    assert rows["auditd"].cpu_slowdown == pytest.approx((2.0 + 1.0) / 2)
     table = es.format_table(es.summarize(results))
     assert "spawns/s" in table and "1,950" not in table and "1,465" in table
     checks = es.check_targets(es.summarize(results))
@@ -296,6 +310,7 @@ def test_spawner_count_is_exact(spawner: Path, tmp_path: Path) -> None:
     result = es.run_spawner(spawner, 2, 0.5, "edrbench-mark", str(program))
     lines = log.read_text().splitlines()
     assert result.workers == 2 and result.failed == 0
+    assert 0 < result.cpu < 2 * 2.0  # two workers cannot use more than two cores' time
     assert result.spawned == len(lines) > 10
     assert set(lines) == {"edrbench-mark"}
     assert 0.5 <= result.elapsed < 2.0
