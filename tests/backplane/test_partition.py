@@ -3,7 +3,7 @@
 Two network namespaces joined by a veth pair with a private /30 that exists only inside them.
 Setting the sensor's link down cuts the path; events appended and a command queued during the
 partition arrive afterwards, and every event is stored exactly once. The partition lasts
-``EDR_PARTITION_SECONDS`` (default 8 s to keep the suite short; the issue's 60 s works too).
+``EDR_PARTITION_SECONDS`` (default 60 s, as the acceptance criteria ask; lower it locally).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from bp_harness import Pki, wait_for
 from test_crash import count, read_json, spawn
 
-PARTITION = float(os.environ.get("EDR_PARTITION_SECONDS", "8"))
+PARTITION = float(os.environ.get("EDR_PARTITION_SECONDS", "60"))
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120 + PARTITION)]
 
 
