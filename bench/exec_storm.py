@@ -329,6 +329,7 @@ class _LineReader:
     def __init__(self, stream: Any, on_line: Callable[[str], None] | None = None) -> None:
         self.lines: list[str] = []
         self._on_line = on_line
+        self._eof = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
         self._thread.start()
@@ -341,13 +342,15 @@ class _LineReader:
                     self._on_line(line)
                 self._cond.notify_all()
         with self._cond:
+            # A flag, not thread.is_alive(): the thread is still alive while it notifies.
+            self._eof = True
             self._cond.notify_all()
 
     def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float) -> bool:
+        """Wait until ``predicate(lines)`` holds; ``False`` on timeout or end of output."""
         with self._cond:
-            return self._cond.wait_for(
-                lambda: predicate(self.lines) or not self._thread.is_alive(), timeout
-            ) and predicate(self.lines)
+            self._cond.wait_for(lambda: predicate(self.lines) or self._eof, timeout)
+            return predicate(self.lines)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
