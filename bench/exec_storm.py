@@ -399,10 +399,12 @@ class SensorTracer(Tracer):
         interval: float = 0.5,
         output: str = "file",
         output_dir: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         if output not in ("file", "devnull"):
             raise ValueError(f"output must be 'file' or 'devnull', not {output!r}")
         self.command = list(command)
+        self.extra_args = list(extra_args)
         self.workdir = workdir
         self.output = output
         # tmpfs keeps the sensor's writes off the disk: close to /dev/null in cost.
@@ -488,6 +490,7 @@ class SensorTracer(Tracer):
             str(self.stats_file),
             "--stats-interval",
             str(self.interval),
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(
             cmd,
@@ -818,6 +821,7 @@ class Config:
     tracers: list[str]
     sensor_command: list[str]
     sensor_output: str = "file"
+    sensor_args: list[str] = field(default_factory=list)
     json_path: Path | None = None
     results: list[Measurement] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -999,7 +1003,12 @@ def check_targets(rows: list[Row]) -> list[str]:
 def make_tracers(config: Config, workdir: Path) -> list[Tracer]:
     known: dict[str, Callable[[], Tracer]] = {
         "untraced": Tracer,
-        "sensor": lambda: SensorTracer(config.sensor_command, workdir, output=config.sensor_output),
+        "sensor": lambda: SensorTracer(
+            config.sensor_command,
+            workdir,
+            output=config.sensor_output,
+            extra_args=config.sensor_args,
+        ),
         "bpftrace": BpftraceTracer,
         "auditd": lambda: AuditdTracer(workdir),
     }
@@ -1117,6 +1126,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="file: sensor writes to tmpfs, exact count by marker (default); devnull: "
         "--output /dev/null, count from its stats minus an idle-window baseline",
     )
+    p.add_argument(
+        "--sensor-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for 'edr-sensor run', repeatable (--sensor-arg=--families=process)",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement here as JSON")
     p.add_argument(
         "--no-execsnoop", action="store_true", help="skip the execsnoop-bpfcc start-up check"
@@ -1144,6 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
         tracers=args.tracers,
         sensor_command=[args.sensor],
         sensor_output=args.sensor_output,
+        sensor_args=args.sensor_arg,
         json_path=args.json,
     )
 

@@ -421,6 +421,8 @@ def test_sensor_file_mode_counts_its_output(tmp_path: Path) -> None:
         tmp_path,
         """
         import json, signal, sys, time
+        if "--families=process" not in sys.argv:
+            sys.exit("extra arguments were not passed on")
         out = sys.argv[sys.argv.index("--output") + 1]
         stats_file = sys.argv[sys.argv.index("--stats-file") + 1]
         stop = []
@@ -436,7 +438,14 @@ def test_sensor_file_mode_counts_its_output(tmp_path: Path) -> None:
         open(stats_file, "w").write(stats)
         """,
     )
-    tracer = es.SensorTracer([str(fake)], tmp_path, idle=0.2, interval=0.1, output_dir=tmp_path)
+    tracer = es.SensorTracer(
+        [str(fake)],
+        tmp_path,
+        idle=0.2,
+        interval=0.1,
+        output_dir=tmp_path,
+        extra_args=["--families=process"],
+    )
     tracer.start("m1")
     tracer.begin()
     capture = tracer.finish(es.SpawnResult(workers=1, spawned=3, failed=0, elapsed=1.0))
