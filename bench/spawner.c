@@ -21,6 +21,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -56,13 +58,17 @@ static int parse_long(const char *s, long lo, long hi, long *out)
 	return 0;
 }
 
-static void worker(int go_fd, int out_fd, double duration, char *program, char *marker)
+static void worker(pid_t parent, int go_fd, int out_fd, double duration, char *program,
+		   char *marker)
 {
 	char *argv[] = { program, marker, NULL };
 	struct result r = { 0, 0 };
 	char byte;
 	double deadline;
 
+	/* If the spawner is killed (the benchmark interrupted), its workers go with it. */
+	if (prctl(PR_SET_PDEATHSIG, SIGKILL) || getppid() != parent)
+		_exit(1);
 	/* Block until the parent releases every worker at once (EOF on the pipe). */
 	while (read(go_fd, &byte, 1) < 0 && errno == EINTR)
 		;
@@ -102,7 +108,7 @@ static void worker(int go_fd, int out_fd, double duration, char *program, char *
 int main(int argc, char **argv)
 {
 	long workers, duration_ms, total = 0, failed = 0;
-	pid_t pids[MAX_WORKERS];
+	pid_t pids[MAX_WORKERS], self = getpid();
 	int go[2], out[2];
 	double start, elapsed, cpu;
 	struct rusage ru;
@@ -133,7 +139,7 @@ int main(int argc, char **argv)
 		if (pids[i] == 0) {
 			close(go[1]);
 			close(out[0]);
-			worker(go[0], out[1], (double)duration_ms / 1000.0, argv[3], argv[4]);
+			worker(self, go[0], out[1], (double)duration_ms / 1000.0, argv[3], argv[4]);
 		}
 	}
 	close(go[0]);

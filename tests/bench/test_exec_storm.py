@@ -250,6 +250,8 @@ def test_targets_fail_on_loss_and_without_sensor() -> None:
     assert checks[0].startswith("FAIL") and checks[1].startswith("FAIL")
     assert checks[2].startswith("n/a")
     assert "not checked" in es.check_targets(es.summarize([_m("untraced", 1, 1, 5.0)]))[0]
+    alone = es.check_targets(es.summarize([results[1]]))  # the sensor without untraced
+    assert alone[1].startswith("n/a") and "untraced was not measured" in alone[1]
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -344,6 +346,36 @@ def test_spawner_counts_failing_children_apart(spawner: Path, tmp_path: Path) ->
 def test_spawner_rejects_bad_usage(spawner: Path, args: list[str]) -> None:
     proc = subprocess.run([spawner, *args], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "usage: spawner" in proc.stderr and not proc.stdout
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rfind(")") + 2] in "ZX"  # dead, waiting for a reaper
+
+
+@needs_cc
+def test_spawner_workers_die_with_it(spawner: Path) -> None:
+    proc = subprocess.Popen([spawner, "2", "20000", "/bin/true", "m"], stdout=subprocess.PIPE)
+    try:
+        children: list[int] = []
+        deadline = time.monotonic() + 5
+        while len(children) < 2 and time.monotonic() < deadline:
+            text = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+            children = [int(c) for c in text.split()]
+            time.sleep(0.05)
+        assert len(children) == 2
+    finally:
+        proc.kill()
+        proc.wait(5)
+        if proc.stdout:
+            proc.stdout.close()
+    deadline = time.monotonic() + 5
+    while not all(_gone(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(c) for c in children)
 
 
 @needs_cc
