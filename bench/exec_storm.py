@@ -1003,6 +1003,18 @@ def check_targets(rows: list[Row]) -> list[str]:
     return out
 
 
+def noise_warning(rows: list[Row]) -> str | None:
+    """A warning when some traced run beat untraced by over 5%: no tracer makes exec faster,
+    so the machine's other load moved the rates and the slowdown column is not to be trusted."""
+    fast = [f"{r.tracer}/{r.workers}" for r in rows if r.slowdown is not None and r.slowdown < 0.95]
+    if not fast:
+        return None
+    return (
+        f"WARNING: traced faster than untraced ({', '.join(fast)}): other load on the machine "
+        "moved the rates; use more rounds, a quiet machine, or read the CPU ratio column"
+    )
+
+
 def make_tracers(config: Config, workdir: Path) -> list[Tracer]:
     known: dict[str, Callable[[], Tracer]] = {
         "untraced": Tracer,
@@ -1204,6 +1216,9 @@ def main(argv: list[str] | None = None) -> int:
             "untraced, which other load on the machine disturbs far less than the rate."
         )
         print()
+        warning = noise_warning(rows)
+        if warning:
+            print(warning)
         print("\n".join(check_targets(rows)))
         if config.json_path is not None:
             config.json_path.write_text(

@@ -250,6 +250,9 @@ def test_targets_fail_on_loss_and_without_sensor() -> None:
     assert checks[0].startswith("FAIL") and checks[1].startswith("FAIL")
     assert checks[2].startswith("n/a")
     assert "not checked" in es.check_targets(es.summarize([_m("untraced", 1, 1, 5.0)]))[0]
+    assert es.noise_warning(es.summarize(results)) is None
+    noisy = es.noise_warning(es.summarize([*results, _m("bpftrace", 2, 1, 2200.0)]))
+    assert noisy is not None and "bpftrace/2" in noisy and "sensor" not in noisy
     alone = es.check_targets(es.summarize([results[1]]))  # the sensor without untraced
     assert alone[1].startswith("n/a") and "untraced was not measured" in alone[1]
 
