@@ -280,6 +280,19 @@ class ApiToken:
 
 
 @dataclass(frozen=True, slots=True)
+class Session:
+    """A login session; ``id_hash`` is a hash of the cookie value, never the value itself."""
+
+    id_hash: str
+    username: str
+    csrf_token: str
+    created_at: float
+    last_seen: float
+    expires_at: float
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEntry:
     id: int
     ts: float
@@ -497,6 +510,28 @@ class Store(Protocol):
     def touch_api_token(self, token_id: int, *, now: float | None = None) -> None: ...
 
     def revoke_api_token(self, token_id: int) -> ApiToken: ...
+
+    # login sessions (keyed by a hash of the session id; expiry policy belongs to the API)
+    def create_session(
+        self,
+        id_hash: str,
+        username: str,
+        csrf_token: str,
+        expires_at: float,
+        source: str,
+        *,
+        now: float | None = None,
+    ) -> Session: ...
+
+    def get_session(self, id_hash: str) -> Session: ...
+
+    def touch_session(self, id_hash: str, *, now: float | None = None) -> None: ...
+
+    def delete_session(self, id_hash: str) -> bool: ...
+
+    def delete_user_sessions(self, username: str, *, keep: str | None = None) -> int: ...
+
+    def purge_sessions(self, *, idle_before: float, now: float | None = None) -> int: ...
 
     # audit (append-only: there is deliberately no update or delete)
     def append_audit(

@@ -207,7 +207,27 @@ _INITIAL = (
        BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _INITIAL),)
+# Login sessions (controller.auth): only a SHA-256 of the random session id is kept, so a
+# copy of the database does not hand out live sessions. Deleting a user's row is not
+# possible through the store, but CASCADE keeps the table honest if an operator does it.
+_SESSIONS = (
+    """CREATE TABLE sessions (
+        id_hash TEXT PRIMARY KEY,
+        username TEXT NOT NULL REFERENCES users (username) ON DELETE CASCADE,
+        csrf_token TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        source TEXT NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX sessions_user ON sessions (username)",
+    "CREATE INDEX sessions_expires ON sessions (expires_at)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _INITIAL),
+    Migration(2, "login sessions", _SESSIONS),
+)
 
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -60,6 +60,7 @@ from controller.store.interface import (
     RetentionResult,
     Role,
     SchemaTooNew,
+    Session,
     Severity,
     StoredEvent,
     StoreError,
@@ -247,6 +248,7 @@ _PROCESS_COLS = (
 _USER_COLS = "username, password_hash, role, disabled, created_at, updated_at"
 _TOKEN_COLS = "id, name, token_hash, role, owner, created_at, last_used, revoked"  # noqa: S105
 _AUDIT_COLS = "id, ts, actor, action, target, detail, source"
+_SESSION_COLS = "id_hash, username, csrf_token, created_at, last_seen, expires_at, source"
 
 
 def _us_to_s(us: int | None) -> float | None:
@@ -1613,6 +1615,79 @@ class SQLiteStore:
             if row is None:
                 raise NotFound("api token", token_id)
             return _token(row)
+
+    # -- login sessions -------------------------------------------------------------------
+
+    def create_session(
+        self,
+        id_hash: str,
+        username: str,
+        csrf_token: str,
+        expires_at: float,
+        source: str,
+        *,
+        now: float | None = None,
+    ) -> Session:
+        self._check_hash(id_hash, "id_hash")
+        _check_name(username, "username", 64)
+        self._check_hash(csrf_token, "csrf_token")
+        expires_at = _check_time(expires_at, "expires_at")
+        _check_name(source, "source")
+        now = self._now(now)
+        with self._write() as c:
+            if c.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone() is None:
+                raise NotFound("user", username)
+            try:
+                c.execute(
+                    f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (id_hash, username, csrf_token, now, now, expires_at, source),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict("a session with this id already exists") from None
+            return Session(id_hash, username, csrf_token, now, now, expires_at, source)
+
+    def get_session(self, id_hash: str) -> Session:
+        self._check_hash(id_hash, "id_hash")
+        with self._reading() as c:
+            row = c.execute(
+                f"SELECT {_SESSION_COLS} FROM sessions WHERE id_hash = ?", (id_hash,)
+            ).fetchone()
+        if row is None:
+            raise NotFound("session", "<hash>")  # never echo credentials
+        return Session(*row)
+
+    def touch_session(self, id_hash: str, *, now: float | None = None) -> None:
+        self._check_hash(id_hash, "id_hash")
+        now = self._now(now)
+        with self._write() as c:
+            cur = c.execute(
+                "UPDATE sessions SET last_seen = max(last_seen, ?) WHERE id_hash = ?",
+                (now, id_hash),
+            )
+            if cur.rowcount == 0:
+                raise NotFound("session", "<hash>")
+
+    def delete_session(self, id_hash: str) -> bool:
+        self._check_hash(id_hash, "id_hash")
+        with self._write() as c:
+            return c.execute("DELETE FROM sessions WHERE id_hash = ?", (id_hash,)).rowcount > 0
+
+    def delete_user_sessions(self, username: str, *, keep: str | None = None) -> int:
+        """End every session of ``username`` except ``keep`` (an id hash); returns how many."""
+        _check_name(username, "username", 64)
+        with self._write() as c:
+            return c.execute(
+                "DELETE FROM sessions WHERE username = ? AND id_hash IS NOT ?", (username, keep)
+            ).rowcount
+
+    def purge_sessions(self, *, idle_before: float, now: float | None = None) -> int:
+        """Delete sessions past their expiry or last used before ``idle_before``."""
+        idle_before = _check_time(idle_before, "idle_before")
+        now = self._now(now)
+        with self._write() as c:
+            return c.execute(
+                "DELETE FROM sessions WHERE expires_at <= ? OR last_seen < ?", (now, idle_before)
+            ).rowcount
 
     # -- audit ----------------------------------------------------------------------------
 
