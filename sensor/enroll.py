@@ -221,7 +221,8 @@ def enroll(
         raise EnrollError("--token must not be empty")
     state_dir = Path(state_dir)
     cert_path = state_dir / "sensor.pem"
-    if cert_path.exists() and not force:
+    # After the first start the identity lives in credentials.pem (see sensor.uplink).
+    if (cert_path.exists() or (state_dir / "credentials.pem").exists()) and not force:
         raise EnrollError(
             f"{state_dir} already holds an enrolled identity ({cert_path}); "
             "use --force to replace it"
