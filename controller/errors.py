@@ -207,3 +207,7 @@ async def json_body(request: Request, schema: Mapping[str, Field]) -> dict[str, 
             continue
         _check_field(name, doc[name], spec)
     return doc
+
+
+# The name controller.app.create_app looks for.
+install = install_error_handlers
