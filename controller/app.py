@@ -35,9 +35,10 @@ from sanic.response import json as json_response
 
 from backplane.server import BackplaneServer, ServerConfig
 from certs.store import PKIStore
-from controller import enroll_api, metrics
+from controller import auth, enroll_api, metrics
 from controller.config import ControllerConfig
 from controller.detection import DetectionEngine
+from controller.errors import install_error_handlers
 from controller.hooks import StoreHooks
 from controller.live import FilterError, LiveHub, StreamFilter
 from controller.maintenance import Intervals, Maintenance
@@ -92,12 +93,7 @@ def create_app(config: ControllerConfig, *, intervals: Intervals | None = None) 
     app.ctx.metrics = Metrics()
     app.ctx.live = LiveHub(queue_size=config.live_queue)
 
-    errors = _optional("controller.errors")
-    for hook_name in ("install", "register", "setup"):
-        installer = getattr(errors, hook_name, None) if errors else None
-        if callable(installer):
-            installer(app)
-            break
+    install_error_handlers(app, max_body=config.max_body)  # every error as JSON
 
     app.blueprint(enroll_api.create_blueprint(app.ctx.pki))
     app.blueprint(metrics.create_blueprint())
@@ -120,8 +116,8 @@ def create_app(config: ControllerConfig, *, intervals: Intervals | None = None) 
 
 def _area_blueprints() -> list[Blueprint]:
     """AUTH's, OPENAPI's and every API blueprint that exists (see the shared contract)."""
-    out: list[Blueprint] = []
-    for name in ("controller.auth", "controller.openapi"):
+    out: list[Blueprint] = [auth.create_blueprint()]
+    for name in ("controller.openapi",):
         mod = _optional(name)
         if mod is not None and hasattr(mod, "create_blueprint"):
             out.append(mod.create_blueprint())
@@ -147,7 +143,7 @@ async def _start(app: Sanic, config: ControllerConfig, intervals: Intervals | No
     ctx.store = await asyncio.to_thread(SQLiteStore, config.db_path)
     ctx.detection = DetectionEngine()
     report = await asyncio.to_thread(ctx.detection.load, list(config.rule_dirs))
-    ctx.rule_report = report  # the engine logged the summary and each problem
+    ctx.rules_report = report  # the engine logged the summary and each problem
     ctx.hooks = StoreHooks(ctx.store, ctx.detection, ctx.live, pki=ctx.pki, metrics=ctx.metrics,
                            detection_queue=config.detection_queue)
     await ctx.hooks.start()
@@ -184,30 +180,23 @@ async def _stop(app: Sanic) -> None:
 
 # -- the live stream ------------------------------------------------------------------------
 
-async def _noop(request: Request) -> None:
-    return None
-
-
 async def authenticate_stream(request: Request) -> HTTPResponse | None:
     """Authenticate a stream request before the websocket upgrade; a response refuses it.
 
-    Uses ``controller.auth.require("viewer")`` (session cookie or Bearer token). Without
-    ``controller.auth`` the stream is refused: it carries every command line in the fleet.
+    Any role may watch (viewer and up): a session cookie or a Bearer API token, checked by
+    ``controller.auth``. Failures are JSON 401/403 answers instead of an upgrade.
     """
     origin = request.headers.get("origin")
     if origin and urlsplit(origin).netloc != request.host:
         # Browsers send cookies with cross-site websocket upgrades (no CORS check applies).
         return json_response({"error": "cross-origin stream request refused"}, status=403)
-    auth = _optional("controller.auth")
-    require = getattr(auth, "require", None) if auth else None
-    if require is None:
-        # TODO(auth-wiring): controller.auth has not landed; the stream stays closed until it does.
-        return json_response(
-            {"error": "live stream unavailable: authentication (controller.auth) not installed"},
-            status=503,
-        )
-    result = await require("viewer")(_noop)(request)
-    return result if isinstance(result, HTTPResponse) else None
+    principal = await auth.authenticate(request)  # raises ApiError 401 on bad credentials
+    if principal is None:
+        return json_response({"error": "authentication required"}, status=401)
+    if auth.ROLE_RANK[principal.role] < auth.ROLE_RANK["viewer"]:  # pragma: no cover
+        return json_response({"error": "this needs the viewer role"}, status=403)
+    request.ctx.user = principal
+    return None
 
 
 def _stream_blueprint() -> Blueprint:
