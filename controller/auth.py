@@ -25,6 +25,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import time
@@ -509,7 +510,7 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
         user_key, addr_key = f"user:{username.lower()}", f"addr:{source}"
         waits = [w for k in (user_key, addr_key) if (w := state.limiter.retry_after(k, now))]
         if waits:
-            retry = int(max(waits)) + 1
+            retry = math.ceil(max(waits))
             log.warning("login throttled from %s", source)
             raise ApiError(
                 429, "too many failed logins: try again later",
@@ -609,7 +610,7 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
         now = state.settings.clock()
         key = f"user:{session.username.lower()}"
         if (wait := state.limiter.retry_after(key, now)) is not None:
-            retry = int(wait) + 1
+            retry = math.ceil(wait)
             raise ApiError(429, "too many failed attempts: try again later",
                            headers={"Retry-After": str(retry)}, retry_after=retry)
         user: User = await asyncio.to_thread(store.get_user, session.username)
