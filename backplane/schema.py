@@ -74,11 +74,27 @@ def family_of(action: Action) -> Family:
     return _ACTIONS[action][0]
 
 
+# epoch second -> its "YYYY-mm-ddTHH:MM:SS" text; a few seconds are live at once (event time,
+# process start times), so a small dict rather than one slot, cleared when it grows.
+_SECONDS: dict[int, str] = {}
+_SECONDS_KEPT = 256
+
+
 def iso_timestamp(epoch_ns: int | None = None) -> str:
-    """RFC 3339 UTC timestamp with microseconds, as ECS ``@timestamp`` expects."""
+    """RFC 3339 UTC timestamp with microseconds, as ECS ``@timestamp`` expects.
+
+    Events come in bursts within a second, so the seconds part is formatted once per second
+    and cached; per call only the fraction is formatted (a datetime per event was a hot spot).
+    """
     ns = time.time_ns() if epoch_ns is None else epoch_ns
-    dt = datetime.fromtimestamp(ns // 1_000_000_000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{(ns // 1000) % 1_000_000:06d}Z"
+    sec = ns // 1_000_000_000
+    text = _SECONDS.get(sec)
+    if text is None:
+        text = datetime.fromtimestamp(sec, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        if len(_SECONDS) >= _SECONDS_KEPT:
+            _SECONDS.clear()
+        _SECONDS[sec] = text
+    return f"{text}.{(ns // 1000) % 1_000_000:06d}Z"
 
 
 def new_event(

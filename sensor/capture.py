@@ -54,6 +54,31 @@ class CaptureContext:
     max_arg_bytes: int = 4096
     # How often polling sources (fallback tier) look; they miss anything shorter-lived.
     poll_interval: float = 0.25
+    # A whole batch at once (one queue item): sources that decode in batches use it through
+    # ``emit_batch``. Unset, it is taken from ``emit``'s owner when that has ``emit_many``
+    # (``EventPipeline``), else events go one by one through ``emit``.
+    emit_many: Callable[[list[Event]], None] | None = None
+    # Fork events: the exec event already carries the parent, so the BPF tiers track forks
+    # in the process table without reporting them unless asked to.
+    emit_forks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.emit_many is None:
+            owner = getattr(self.emit, "__self__", None)
+            many = getattr(owner, "emit_many", None)
+            if callable(many) and getattr(owner, "emit", None) == self.emit:
+                self.emit_many = many
+
+    def emit_batch(self, events: list[Event]) -> None:
+        """Hand over a batch of events; the list must not be reused by the caller."""
+        if not events:
+            return
+        if self.emit_many is not None:
+            self.emit_many(events)
+        else:
+            emit = self.emit
+            for ev in events:
+                emit(ev)
 
 
 class Source(abc.ABC):

@@ -62,6 +62,13 @@ FILE_REPORT, FILE_WATCH = 1, 2
 # user-space side of the kernel's write_watch map (EDR_WRITE_WATCH_ENTRIES): same bound
 WRITE_WATCH_ENTRIES = 16384
 
+# Resolved exec paths are cached briefly: realpath() is a few syscalls per exec, and an exec
+# storm runs the same few binaries. The trade-off: for up to REALPATH_TTL_S after a symlink on
+# the path is swapped, execs through it are reported with the old target. The hash is taken
+# of the reported path, and /proc/<pid>/exe stays the ground truth the hasher falls back to.
+REALPATH_TTL_S = 2.0
+REALPATH_ENTRIES = 4096
+
 _INCLUDE = re.compile(r'^#include "([a-z0-9_]+\.bpf\.c)"[ \t]*$', re.MULTILINE)
 
 
@@ -148,6 +155,7 @@ EXEC = Mirror(
         ("flags", "I"),
         ("args_count", "I"),
         ("args_size", "I"),
+        ("cgroup_id", "Q"),
         ("filename", f"{PATH_LEN}s"),
         ("args", f"{ARGS_BUF}s"),
     ),
@@ -237,6 +245,7 @@ class ExecRecord:
     filename: str
     args: list[str] | None  # None: the kernel had no argv (read /proc instead)
     args_truncated: bool
+    cgroup_id: int = 0
 
 
 @dataclass(slots=True)
@@ -318,14 +327,21 @@ def decode_fork(raw: bytes) -> ForkRecord:
 def decode_exec(raw: bytes) -> ExecRecord:
     _check_size(raw, _EXEC_FIXED.size, "exec")
     v = _EXEC_FIXED.unpack_from(raw)
-    old_pid, flags, count, size, filename = v[8:13]
+    old_pid, flags, count, size, cgroup_id, filename = v[8:14]
     if size > ARGS_MAX_BYTES or count > ARGS_MAX_COUNT:
         raise DecodeError(f"exec record claims {count} args in {size} bytes, beyond the bounds")
     _check_size(raw, _EXEC_FIXED.size + size, "exec")
     args = None
     if not flags & EXEC_NO_ARGS:
         args = split_args(raw[_EXEC_FIXED.size : _EXEC_FIXED.size + size], count)
-    return ExecRecord(_header(v), old_pid, _cstr(filename), args, bool(flags & EXEC_ARGS_TRUNCATED))
+    return ExecRecord(
+        _header(v),
+        old_pid,
+        _cstr(filename),
+        args,
+        bool(flags & EXEC_ARGS_TRUNCATED),
+        cgroup_id,
+    )
 
 
 def decode_exit(raw: bytes) -> ExitRecord:
@@ -404,6 +420,39 @@ def record_type(raw: bytes) -> int:
     return int.from_bytes(raw[:4], "little")
 
 
+class RealpathCache:
+    """``os.path.realpath`` with a small, bounded, time-limited cache (see REALPATH_TTL_S)."""
+
+    def __init__(
+        self,
+        ttl: float = REALPATH_TTL_S,
+        entries: int = REALPATH_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.entries = entries
+        self._clock = clock
+        self._cache: dict[str, tuple[str, float]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, path: str) -> str:
+        now = self._clock()
+        hit = self._cache.get(path)
+        if hit is not None and hit[1] > now:
+            self.hits += 1
+            return hit[0]
+        self.misses += 1
+        resolved = os.path.realpath(path)
+        if len(self._cache) >= self.entries:
+            # drop what expired; if everything is fresh, start over (a bound, not an LRU)
+            self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+            if len(self._cache) >= self.entries:
+                self._cache.clear()
+        self._cache[path] = (resolved, now + self.ttl)
+        return resolved
+
+
 # -- dispatch ----------------------------------------------------------------------------------
 
 Handler = Callable[["TracepointSource", bytes], None]
@@ -435,7 +484,9 @@ def handler_for(kind: int) -> Handler | None:
 def _on_fork(src: TracepointSource, raw: bytes) -> None:
     r = decode_fork(raw)
     child = src.ctx.table.fork(r.ppid, r.child_pid, r.child_start_ticks)
-    if Family.PROCESS in src.enabled:
+    # the table is fed either way; the exec event carries the parent, so reporting the fork
+    # itself is opt-in (it doubled the events of a fork + exec storm)
+    if src.ctx.emit_forks and Family.PROCESS in src.enabled:
         src._emit(src.event(Action.FORK, child, epoch_ns=src._epoch(r.h)))
 
 
@@ -448,10 +499,10 @@ def _on_exec(src: TracepointSource, raw: bytes) -> None:
     if executable and executable.startswith("/"):
         # the kernel reports the name as called (/bin/true); symlinks resolved, it matches
         # /proc/<pid>/exe and what the other tiers report (/usr/bin/true)
-        executable = os.path.realpath(executable)
-    # The table reads /proc/<pid>/cwd, which is "now", possibly after later chdirs still in
-    # the ring; the cwd inherited at fork and kept by chdir events is right for this moment.
-    cwd_then = known.cwd if known else None
+        executable = src._realpath(executable)
+    # refresh=False: the table keeps the cwd inherited at fork and updated by chdir events,
+    # which is right for this moment; /proc/<pid>/cwd is "now", possibly after later chdirs
+    # still in the ring (it is read only when the cwd is unknown).
     info = table.exec(
         r.h.pid,
         executable=executable if executable and executable.startswith("/") else None,
@@ -460,9 +511,9 @@ def _on_exec(src: TracepointSource, raw: bytes) -> None:
         uid=r.h.uid,
         gid=r.h.gid,
         comm=r.h.comm,
+        refresh=False,
+        cgroup_id=r.cgroup_id or None,
     )
-    if cwd_then is not None:
-        table.chdir(r.h.pid, cwd_then)
     src._forget_writes(r.h.pid, cloexec_only=True)
     if Family.PROCESS in src.enabled:
         ev = src.event(Action.EXEC, info, epoch_ns=src._epoch(r.h))
@@ -741,6 +792,9 @@ class TracepointSource(Source):
         super().__init__(ctx, families)
         self._bpf: Any = None
         self._batch: list[bytes] = []
+        # events built while a batch is processed, handed over together at its end
+        self._pending: list[Event] | None = None
+        self._realpath = RealpathCache()
         self._lock = threading.Lock()
         self._closed = False
         self._last_counters = 0.0
@@ -861,9 +915,23 @@ class TracepointSource(Source):
         self.process_batch()
 
     def process_batch(self) -> int:
+        """Handle the copied records; their events go to the pipeline as one batch."""
         batch, self._batch = self._batch, []
-        for raw in batch:
-            self.handle_record(raw)
+        if not batch:
+            return 0
+        pending: list[Event] = []
+        self._pending = pending
+        try:
+            for raw in batch:
+                self.handle_record(raw)
+        finally:
+            self._pending = None
+            if pending:
+                try:
+                    self.ctx.emit_batch(pending)
+                except Exception:
+                    self.handler_errors += 1
+                    log.exception("%s: handing over %d events failed", self.name, len(pending))
         return len(batch)
 
     def handle_record(self, raw: bytes) -> None:
@@ -910,6 +978,8 @@ class TracepointSource(Source):
             filtered=self.filtered,
             stale_writes=self.stale_writes,
             watched_writes=len(self._writes),
+            realpath_hits=self._realpath.hits,
+            realpath_misses=self._realpath.misses,
         )
         return out
 
@@ -962,7 +1032,11 @@ class TracepointSource(Source):
         return self.ctx.table.boot_epoch_ns + h.ktime_ns
 
     def _emit(self, ev: Event) -> None:
-        self.ctx.emit(ev)
+        pending = self._pending
+        if pending is not None:
+            pending.append(ev)
+        else:
+            self.ctx.emit(ev)
 
     def _file_path(self, pid: int, path: str, dfd: int, fd: int) -> tuple[str, bool]:
         """Absolute path for a file operation and whether it could be resolved."""

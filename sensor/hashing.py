@@ -1,8 +1,10 @@
 """SHA-256 of executables, cached by file identity so each binary is read once.
 
 The cache key is (device, inode, size, mtime): a binary replaced in place gets a new mtime or
-inode and is hashed again. Hashing happens in the pipeline's writer thread, never in a capture
-thread, and files above a size bound are skipped (reported as such, not hashed partially).
+inode and is hashed again. A cache hit costs one ``stat()`` of the path (no open); a miss opens
+the file and keys the digest by what ``fstat()`` says of the open file. Hashing happens in the
+pipeline's writer thread, never in a capture thread, and files above a size bound are skipped
+(reported as such, not hashed partially).
 """
 
 from __future__ import annotations
@@ -40,18 +42,23 @@ class ExecutableHasher:
         return None
 
     def _hash(self, path: str) -> str | None:
+        # A cache hit costs one stat(): the identity key comes from the path, no open().
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        cached = self._cache.get((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        if cached is not None:
+            self._cache.move_to_end((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+            self.hits += 1
+            return cached
         # O_NONBLOCK: a path swapped for a FIFO after the exec must not hang the writer.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
+            # the key of what was opened, which may not be what was stat'ed a moment ago
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return None
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                self.hits += 1
-                return cached
             if st.st_size > self.max_bytes:
                 self.skipped += 1
                 return None

@@ -14,6 +14,8 @@ import threading
 from collections import Counter
 from typing import IO, Any, Protocol
 
+import orjson
+
 from backplane.schema import Action, Event
 from sensor.hashing import ExecutableHasher
 from sensor.process_table import ProcessTable
@@ -27,16 +29,38 @@ class Sink(Protocol):
 
 
 class NdjsonSink:
-    """One JSON object per line; flushed per batch so a pipe sees events promptly."""
+    """One JSON object per line, UTF-8; flushed per batch so a pipe sees events promptly.
+
+    Encoded with orjson. An event orjson refuses (a lone surrogate: argv or path bytes that
+    are not UTF-8 survive decoding as surrogate escapes) is encoded by the stdlib encoder with
+    ``ensure_ascii``, so the line is still valid UTF-8 JSON and ``json.loads`` gives back the
+    exact original string (``"\\udcff"``).
+    """
 
     def __init__(self, stream: IO[str], close_stream: bool = False) -> None:
         self._stream = stream
         self._close = close_stream
-        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+        self._fallback = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+        self.fallbacks = 0  # events the stdlib encoder wrote
+
+    def encode(self, event: Event) -> bytes:
+        """One event as a UTF-8 line, newline included."""
+        try:
+            return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:
+            self.fallbacks += 1
+            return (self._fallback(event) + "\n").encode("ascii")
 
     def write(self, events: list[Event]) -> None:
-        self._stream.write("".join(self._encode(ev) + "\n" for ev in events))
-        self._stream.flush()
+        data = b"".join([self.encode(ev) for ev in events])
+        buffer = getattr(self._stream, "buffer", None)
+        if buffer is not None:
+            self._stream.flush()  # anything written as text earlier goes first
+            buffer.write(data)
+            buffer.flush()
+        else:  # a text-only stream (io.StringIO)
+            self._stream.write(data.decode("utf-8"))
+            self._stream.flush()
 
     def close(self) -> None:
         if self._close:
@@ -74,6 +98,21 @@ class EventPipeline:
             self.blocked += 1
             self._queue.put(event)
 
+    def emit_many(self, events: list[Event]) -> None:
+        """A capture thread's whole batch as one queue item (one lock round, one wake-up).
+
+        The queue bound then counts items, events or batches: back-pressure is the same, the
+        caller blocks while the queue is full and nothing is dropped. The list is the
+        pipeline's from here on; the caller must not reuse it.
+        """
+        if not events:
+            return
+        try:
+            self._queue.put_nowait(events)
+        except queue.Full:
+            self.blocked += 1
+            self._queue.put(events)
+
     def close(self, timeout: float = 10.0) -> None:
         """Drain what was queued, then stop the writer and close the sink."""
         if self._thread.is_alive():
@@ -108,22 +147,30 @@ class EventPipeline:
             info.sha256 = digest
 
     def _run(self) -> None:
-        get = self._queue.get
+        get, get_nowait = self._queue.get, self._queue.get_nowait
         while True:
+            batch: list[Event] = []
+            stop = False
             item = get()
-            batch = [item]
-            while len(batch) < self._batch:
+            while True:
+                if item is _STOP:
+                    stop = True
+                elif type(item) is list:
+                    batch.extend(item)
+                else:
+                    batch.append(item)
+                if len(batch) >= self._batch:
+                    break
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = get_nowait()
                 except queue.Empty:
                     break
-            stop = False
-            if _STOP in batch:
-                stop = True
-                batch = [ev for ev in batch if ev is not _STOP]
+            by_action = self.by_action
             for ev in batch:
-                self._enrich(ev)
-                self.by_action[ev["event"]["action"]] += 1
+                action = ev["event"]["action"]
+                if action == Action.EXEC:
+                    self._enrich(ev)
+                by_action[action] += 1
             if batch:
                 try:
                     self._sink.write(batch)
@@ -133,3 +180,18 @@ class EventPipeline:
                     return
             if stop:
                 return
+
+
+class TeeSink:
+    """Every batch to several sinks (for example the controller's outbox and a local file)."""
+
+    def __init__(self, sinks: list[Sink]) -> None:
+        self._sinks = sinks
+
+    def write(self, events: list[Event]) -> None:
+        for sink in self._sinks:
+            sink.write(events)
+
+    def close(self) -> None:
+        for sink in self._sinks:
+            sink.close()

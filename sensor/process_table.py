@@ -24,6 +24,7 @@ from backplane.schema import iso_timestamp
 from sensor import procfs
 
 EXITED_KEPT = 8192
+CGROUPS_KEPT = 4096
 
 
 @dataclass(slots=True)
@@ -68,7 +69,12 @@ def user_name(uid: int) -> str | None:
 
 
 class ProcessTable:
-    """Thread-safe map of live (and recently exited) processes keyed by pid."""
+    """Thread-safe map of live (and recently exited) processes keyed by pid.
+
+    Reads take no lock: a single ``dict.get`` is atomic in CPython and entries are only ever
+    replaced whole, never left half-built in the map. The lock serialises the composite
+    updates (fork, exec, exit) against each other.
+    """
 
     def __init__(self, host_id: str, boot_ns_to_epoch_ns: int | None = None) -> None:
         self._host_id = host_id
@@ -76,6 +82,9 @@ class ProcessTable:
         self._live: dict[int, ProcessInfo] = {}
         self._exited: OrderedDict[int, ProcessInfo] = OrderedDict()
         self._lock = threading.Lock()
+        # cgroup v2 id -> container id (None: not in a container), read from /proc once per id
+        self._containers: dict[int, str | None] = {}
+        self._cgroup_ids_usable = procfs.cgroup_v2_only()
         # Epoch time at boot: turns start ticks into an ECS process.start timestamp.
         if boot_ns_to_epoch_ns is None:
             boot_ns_to_epoch_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
@@ -139,10 +148,16 @@ class ProcessTable:
         gid: int | None = None,
         comm: str | None = None,
         ppid: int | None = None,
+        refresh: bool = True,
+        cgroup_id: int | None = None,
     ) -> ProcessInfo:
         """A new image in an existing process: entity id is kept, image fields replaced.
 
         Whatever the tier did not pass is read from /proc if the process is still alive.
+        ``refresh=False`` is for a tier that tracks cwd itself (inherited at fork, kept by
+        chdir events): cwd is then read from /proc only when unknown, and the container comes
+        from ``cgroup_id`` through a cache when the host is cgroup v2 only. The login uid is
+        read when the inherited one is unset (pam_loginuid sets it between fork and exec).
         """
         info = self.lookup(pid)
         with self._lock:
@@ -161,16 +176,35 @@ class ProcessTable:
             if gid is not None:
                 info.gid = gid
             info.sha256 = None
-            cwd = procfs.link(pid, "cwd")
-            if cwd is not None:
-                info.cwd = cwd
+            if refresh or info.cwd is None:
+                cwd = procfs.link(pid, "cwd")
+                if cwd is not None:
+                    info.cwd = cwd
             if info.loginuid is None:
                 info.loginuid = procfs.loginuid(pid)
-            cid = procfs.container_id(pid)
-            if cid is not None:
-                info.container_id = cid
+            if refresh or cgroup_id is None or not self._cgroup_ids_usable:
+                cid = procfs.container_id(pid)
+                if cid is not None:
+                    info.container_id = cid
+            else:
+                info.container_id = self._container_for(cgroup_id, pid, info.container_id)
             self._live[pid] = info
             return info
+
+    def _container_for(self, cgroup_id: int, pid: int, current: str | None) -> str | None:
+        """Container id of a cgroup v2 id, from /proc/<pid>/cgroup the first time it is seen."""
+        try:
+            return self._containers[cgroup_id]
+        except KeyError:
+            pass
+        text = procfs.cgroups(pid)
+        if text is None:
+            return current  # gone before we looked: keep the inherited one, cache nothing
+        cid = procfs.container_id_in(text)
+        if len(self._containers) >= CGROUPS_KEPT:
+            self._containers.clear()
+        self._containers[cgroup_id] = cid
+        return cid
 
     def exit(self, pid: int, exit_code: int | None = None) -> ProcessInfo:
         info = self.lookup(pid)
@@ -192,13 +226,11 @@ class ProcessTable:
     # -- reading ----------------------------------------------------------------------------
 
     def get(self, pid: int) -> ProcessInfo | None:
-        with self._lock:
-            return self._live.get(pid) or self._exited.get(pid)
+        return self._live.get(pid) or self._exited.get(pid)
 
     def lookup(self, pid: int) -> ProcessInfo:
         """The known process, else what /proc says now, else a bare record (never fails)."""
-        with self._lock:
-            info = self._live.get(pid) or self._exited.get(pid)
+        info = self._live.get(pid) or self._exited.get(pid)
         if info is not None:
             return info
         info = self._read_proc(pid) or ProcessInfo(pid=pid, entity_id=self.entity_id(pid, 0))

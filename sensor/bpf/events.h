@@ -75,6 +75,8 @@ struct edr_exec_event {
     __u32 flags;
     __u32 args_count;
     __u32 args_size;
+    __u64 cgroup_id; /* cgroup v2 id (bpf_get_current_cgroup_id): user space maps it to a
+                      * container id with a cache instead of reading /proc per exec */
     char filename[EDR_PATH_LEN];
     char args[EDR_ARGS_BUF]; /* only args_size bytes are submitted */
 };

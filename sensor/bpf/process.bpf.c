@@ -149,6 +149,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     }
     edr_header_fill(&e->h, EDR_EV_EXEC);
     e->old_pid = old_pid;
+    e->cgroup_id = bpf_get_current_cgroup_id();
     TP_DATA_LOC_READ_STR(e->filename, filename, EDR_PATH_LEN);
     __u32 size = e->args_size;
     if (size > EDR_ARGS_MAX_BYTES)

@@ -60,6 +60,7 @@ def start_source(families: frozenset[Family] = frozenset(Family)) -> Running:
         table=table,
         emit=events.append,
         ignored_pids={os.getpid()},
+        emit_forks=True,  # test_live looks for fork events
     )
     src = TracepointSource(ctx, families)
     src.open()

@@ -25,8 +25,10 @@ def header(
     return HDR.pack(kind, pid, pid, uid, gid, 0, 5_000_000_000, comm)
 
 
-def exec_record(pid: int, filename: bytes, args: bytes, count: int, flags: int = 0) -> bytes:
-    fixed = struct.pack("<IIII256s", pid, flags, count, len(args), filename)
+def exec_record(
+    pid: int, filename: bytes, args: bytes, count: int, flags: int = 0, cgroup_id: int = 0
+) -> bytes:
+    fixed = struct.pack("<IIIIQ256s", pid, flags, count, len(args), cgroup_id, filename)
     return header(EventType.EXEC, pid) + fixed + args
 
 
@@ -91,7 +93,11 @@ def source() -> tuple[TracepointSource, list[dict]]:
     events: list[dict] = []
     table = ProcessTable("test-host", boot_ns_to_epoch_ns=BOOT_EPOCH)
     ctx = CaptureContext(
-        host={"id": "test-host"}, table=table, emit=events.append, ignored_pids={os.getpid()}
+        host={"id": "test-host"},
+        table=table,
+        emit=events.append,
+        ignored_pids={os.getpid()},
+        emit_forks=True,
     )
     return TracepointSource(ctx, frozenset(Family)), events
 
@@ -102,7 +108,7 @@ PID, PARENT = 4_000_001, 4_000_000
 
 def test_mirror_sizes_match_the_header_constants() -> None:
     assert ebpf.HEADER.size == 48
-    assert ebpf.EXEC.size == 48 + 16 + 256 + 2 * 4096
+    assert ebpf.EXEC.size == 48 + 24 + 256 + 2 * 4096
     assert ebpf.FILE.size == 48 + 48 + 512
     assert ebpf.WRITE.size == 48 + 16
     assert ebpf.NET.size == 48 + 8 + 32 + 8
@@ -376,7 +382,7 @@ def test_udp_connect_and_listen(source) -> None:
         struct.pack("<I", 99) + bytes(100),
         header(EventType.FORK, PID),  # body missing
         exec_record(PID, b"/x", b"abc\0", 1)[:-2],  # shorter than args_size says
-        header(EventType.EXEC, PID) + struct.pack("<IIII256s", PID, 0, 1, 9999, b"/x"),
+        header(EventType.EXEC, PID) + struct.pack("<IIIIQ256s", PID, 0, 1, 9999, 0, b"/x"),
         file_record(PID, 42, b"/tmp/x"),  # type: ignore[arg-type]
         net_record(EventType.CONNECT, PID, 1, 6, (bytes(16), 1), (bytes(16), 2)),
         net_record(EventType.CONNECT, PID, 2, 99, (bytes(16), 1), (bytes(16), 2)),
@@ -441,3 +447,64 @@ def test_bad_prefix_is_refused() -> None:
 
     with pytest.raises(ebpf.TierUnavailable, match="absolute"):
         TracepointSource._fill_prefixes(Trie(), ["relative/"])
+
+
+def test_fork_events_are_tracked_but_not_emitted_by_default() -> None:
+    events: list[dict] = []
+    table = ProcessTable("test-host", boot_ns_to_epoch_ns=BOOT_EPOCH)
+    ctx = CaptureContext(host={"id": "test-host"}, table=table, emit=events.append)
+    assert ctx.emit_forks is False
+    src = TracepointSource(ctx, frozenset(Family))
+    src.handle_record(header(EventType.FORK, PARENT) + struct.pack("<IIQ", PARENT, PID, 1234))
+    assert events == []
+    assert table.get(PID) is not None and table.get(PID).ppid == PARENT  # still tracked
+    src.handle_record(exec_record(PID, b"/bin/true", b"true\0", 1))
+    (ex,) = events
+    assert ex["event"]["action"] == "exec" and ex["process"]["parent"]["pid"] == PARENT
+    assert ex["process"]["entity_id"] == table.entity_id(PID, 1234)
+
+
+def test_exec_record_carries_the_cgroup_id() -> None:
+    r = ebpf.decode_exec(exec_record(PID, b"/bin/true", b"true\0", 1, cgroup_id=0x1234_5678_9A))
+    assert r.cgroup_id == 0x1234_5678_9A
+    assert r.filename == "/bin/true" and r.args == ["true"]
+    assert ebpf.EXEC.offsets()["cgroup_id"] == 64 and ebpf.EXEC.offsets()["filename"] == 72
+
+
+def test_a_ring_batch_is_handed_over_as_one_batch() -> None:
+    batches: list[list[dict]] = []
+    singles: list[dict] = []
+    table = ProcessTable("test-host", boot_ns_to_epoch_ns=BOOT_EPOCH)
+    ctx = CaptureContext(
+        host={"id": "test-host"}, table=table, emit=singles.append, emit_many=batches.append
+    )
+    src = TracepointSource(ctx, frozenset(Family))
+    src._batch = [
+        exec_record(PID, b"/bin/true", b"true\0", 1),
+        header(EventType.EXIT, PID) + struct.pack("<iiII", 0, 0, 1, 0),
+        b"\x01",  # undecodable: counted, the batch still goes out
+    ]
+    assert src.process_batch() == 3
+    assert singles == [] and len(batches) == 1
+    assert [e["event"]["action"] for e in batches[0]] == ["exec", "exit"]
+    assert src.decode_errors == 1
+    assert src.process_batch() == 0 and len(batches) == 1  # nothing new, no empty batch
+
+
+def test_realpath_cache_expires_so_a_swapped_symlink_is_noticed(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    link = tmp_path / "tool"
+    link.symlink_to(tmp_path / "a")
+    now = [100.0]
+    cache = ebpf.RealpathCache(ttl=2.0, entries=4, clock=lambda: now[0])
+    assert cache(str(link)) == str(tmp_path / "a")
+    link.unlink()
+    link.symlink_to(tmp_path / "b")
+    assert cache(str(link)) == str(tmp_path / "a")  # within the TTL: the cached target
+    assert (cache.hits, cache.misses) == (1, 1)
+    now[0] += 2.5
+    assert cache(str(link)) == str(tmp_path / "b")  # noticed once the entry expired
+    for i in range(10):  # bounded
+        cache(str(tmp_path / f"missing{i}"))
+    assert len(cache._cache) <= 4

@@ -110,3 +110,129 @@ def test_broken_output_is_reported_not_swallowed() -> None:
     while pipeline.failed is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert pipeline.failed is not None and "output failed" in pipeline.failed
+
+
+def test_full_queue_blocks_batches_too_and_loses_nothing() -> None:
+    sink = SlowSink()
+    pipeline = EventPipeline(sink, ProcessTable("h"), maxsize=3, batch=4)
+    pipeline.start()
+    done = threading.Event()
+
+    def produce() -> None:
+        for start in range(0, 100, 10):
+            batch = []
+            for i in range(start, start + 10):
+                ev = new_event(Action.FILE_WRITE, host={"id": "h"}, tier=Tier.FALLBACK)
+                ev["seq"] = i
+                batch.append(ev)
+            pipeline.emit_many(batch)
+        done.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    time.sleep(0.3)
+    assert not done.is_set()  # the bound counts batches: held back, not dropping
+    assert pipeline.blocked >= 1
+    sink.release.set()
+    producer.join(10)
+    pipeline.close()
+    assert [ev["seq"] for ev in sink.events] == list(range(100))
+    assert pipeline.counters()["events"] == {"write": 100}
+
+
+def test_capture_context_finds_the_pipelines_emit_many() -> None:
+    from sensor.capture import CaptureContext
+
+    pipeline = EventPipeline(SlowSink(), ProcessTable("h"))
+    ctx = CaptureContext(host={"id": "h"}, table=ProcessTable("h"), emit=pipeline.emit)
+    assert ctx.emit_many == pipeline.emit_many
+    assert not ctx.emit_forks
+    seen: list[dict] = []
+    plain = CaptureContext(host={"id": "h"}, table=ProcessTable("h"), emit=seen.append)
+    assert plain.emit_many is None
+    plain.emit_batch([{"a": 1}, {"b": 2}])
+    assert seen == [{"a": 1}, {"b": 2}]
+
+
+def test_ndjson_falls_back_per_event_for_lone_surrogates() -> None:
+    odd_arg = b"\xff\xfeabc".decode("utf-8", "surrogateescape")  # not UTF-8 argv bytes
+    good = exec_event("/usr/bin/caf\u00e9")
+    bad = exec_event("/usr/bin/x")
+    bad["process"]["args"] = ["x", odd_arg]
+    out = io.StringIO()
+    sink = NdjsonSink(out)
+    sink.write([good, bad, good])
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and sink.fallbacks == 1
+    assert [json.loads(line) for line in lines] == [good, bad, good]  # exact strings back
+    assert json.loads(lines[1])["process"]["args"][1] == odd_arg
+    assert "caf\u00e9" in lines[0]  # UTF-8, not escaped, on the fast path
+
+
+def test_ndjson_writes_bytes_to_a_binary_backed_stream(tmp_path: Path) -> None:
+    path = tmp_path / "out.ndjson"
+    with open(path, "w", encoding="utf-8") as stream:
+        stream.write("")
+        sink = NdjsonSink(stream)
+        sink.write([exec_event("/bin/a"), exec_event("/bin/b")])
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["process"]["executable"] for line in lines] == ["/bin/a", "/bin/b"]
+
+
+def test_ndjson_matches_the_stdlib_encoding() -> None:
+    ev = exec_event("/bin/true")
+    ev["process"]["args"] = ["a b", 'quote"', "tab\t", "\u2603"]
+    ev["n"] = [1, 2.5, None, True, -7]
+    out = io.StringIO()
+    NdjsonSink(out).write([ev])
+    expected = json.dumps(ev, separators=(",", ":"), ensure_ascii=False) + "\n"
+    assert json.loads(out.getvalue()) == json.loads(expected)
+
+
+def test_iso_timestamp_matches_datetime_formatting() -> None:
+    import random
+    from datetime import UTC, datetime
+
+    from backplane.schema import iso_timestamp
+
+    def reference(ns: int) -> str:
+        dt = datetime.fromtimestamp(ns // 1_000_000_000, tz=UTC)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{(ns // 1000) % 1_000_000:06d}Z"
+
+    rng = random.Random(1234)
+    base = 1_700_000_000 * 10**9
+    values = [0, 1, 999_999_999, 10**9, base, base - 1, base + 999_999_999]
+    values += [rng.randrange(0, 4_000_000_000 * 10**9) for _ in range(3000)]
+    values += [base + rng.randrange(0, 5 * 10**9) for _ in range(3000)]  # same few seconds
+    values += [base + i * 499_999_999 for i in range(600)]  # seconds boundaries, in order
+    for ns in values:
+        assert iso_timestamp(ns) == reference(ns), ns
+    now = iso_timestamp()
+    assert now.endswith("Z") and len(now) == len("2023-11-14T22:13:20.000000Z")
+
+
+def test_hasher_cache_hit_does_not_open_and_notices_a_replaced_file(
+    tmp_path: Path, monkeypatch
+) -> None:
+    binary = tmp_path / "tool"
+    binary.write_bytes(b"one")
+    hasher = ExecutableHasher()
+    assert hasher.sha256(str(binary)) == hashlib.sha256(b"one").hexdigest()
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    assert hasher.sha256(str(binary)) == hashlib.sha256(b"one").hexdigest()
+    assert opened == [] and hasher.hits == 1
+    # replaced by rename (new inode), same size and mtime: still noticed
+    st = binary.stat()
+    fresh = tmp_path / "tool.new"
+    fresh.write_bytes(b"two")
+    os.utime(fresh, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(fresh, binary)
+    assert hasher.sha256(str(binary)) == hashlib.sha256(b"two").hexdigest()
+    assert hasher.misses == 2

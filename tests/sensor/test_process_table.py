@@ -5,10 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sensor import procfs
 from sensor.process_table import ProcessTable
+
+
+def _wait_for_argv(pid: int) -> None:
+    """Popen can return (vfork) before the kernel has set up the new image's argv."""
+    deadline = time.monotonic() + 5
+    while not procfs.cmdline(pid) or not procfs.cmdline(pid)[0]:
+        assert time.monotonic() < deadline, "child never showed its argv"
+        time.sleep(0.001)
 
 
 def test_seed_sees_this_process_with_exact_start_time() -> None:
@@ -37,6 +46,7 @@ def test_fork_exec_exit_of_a_real_child(tmp_path: Path) -> None:
     table.seed_from_proc()
     child = subprocess.Popen(["/bin/sleep", "30"], cwd=tmp_path, stdout=subprocess.DEVNULL)
     try:
+        _wait_for_argv(child.pid)
         forked = table.fork(os.getpid(), child.pid)
         assert forked.executable == table.get(os.getpid()).executable  # inherited until exec
         info = table.exec(child.pid, executable="/bin/sleep")
@@ -81,3 +91,88 @@ def test_ancestors_follow_parents_without_cycles() -> None:
     chain = list(table.ancestors(os.getpid()))
     assert chain[0].pid == os.getppid()
     assert chain[-1].pid in (1, 0) or len(chain) == 16
+
+
+def test_exec_without_refresh_keeps_the_tracked_cwd_and_inherited_loginuid(
+    tmp_path: Path, monkeypatch
+) -> None:
+    table = ProcessTable("host-1")
+    table.seed_from_proc()
+    child = subprocess.Popen(["/bin/sleep", "30"], cwd=tmp_path, stdout=subprocess.DEVNULL)
+    try:
+        table.fork(os.getpid(), child.pid)
+        table.chdir(child.pid, "/srv/then")  # what chdir events said before the exec
+        parent = table.get(os.getpid())
+        parent_loginuid = parent.loginuid
+        reads: list[str] = []
+        real_link = procfs.link
+
+        def counting_link(pid: int, name: str) -> str | None:
+            reads.append(name)
+            return real_link(pid, name)
+
+        monkeypatch.setattr(procfs, "link", counting_link)
+        info = table.exec(child.pid, executable="/bin/sleep", args=["sleep", "30"], refresh=False)
+        assert info.cwd == "/srv/then"  # not /proc's "now"
+        assert "cwd" not in reads
+        assert info.loginuid == parent_loginuid
+        # unknown cwd: read from /proc even without refresh
+        info.cwd = None
+        assert table.exec(child.pid, executable="/bin/sleep", refresh=False).cwd == str(tmp_path)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_container_id_is_resolved_once_per_cgroup_id(monkeypatch) -> None:
+    table = ProcessTable("host-1")
+    table._cgroup_ids_usable = True  # as on a cgroup v2 only host
+    cid = "a" * 64
+    reads: list[int] = []
+
+    def fake_cgroups(pid: int) -> str | None:
+        reads.append(pid)
+        return f"0::/system.slice/docker-{cid}.scope\n" if pid != 999_999_999 else None
+
+    me = os.getpid()
+    table.lookup(me)  # known already, as the sensor's seed makes it
+    monkeypatch.setattr(procfs, "cgroups", fake_cgroups)
+    first = table.exec(me, executable="/bin/x", args=["x"], refresh=False, cgroup_id=77)
+    assert first.container_id == cid
+    again = table.exec(me, executable="/bin/y", args=["y"], refresh=False, cgroup_id=77)
+    assert again.container_id == cid
+    assert reads == [me]  # the second exec in the same cgroup read nothing
+    assert table.ecs(again)["container"] == {"id": cid}
+    # a process gone before /proc was read: nothing cached for its cgroup id
+    gone = table.lookup(999_999_999)
+    gone.container_id = "inherited"
+    assert table._container_for(78, 999_999_999, gone.container_id) == "inherited"
+    assert 78 not in table._containers
+
+
+def test_container_id_is_read_per_exec_where_cgroup_ids_do_not_identify_it(
+    monkeypatch,
+) -> None:
+    table = ProcessTable("host-1")
+    table._cgroup_ids_usable = False  # cgroup v1 or hybrid: containers live in v1
+    reads: list[int] = []
+
+    def fake_cgroups(pid: int) -> str | None:
+        reads.append(pid)
+        return "4:memory:/docker/" + "b" * 64 + "\n0::/\n"
+
+    me = os.getpid()
+    table.lookup(me)  # known already, as the sensor's seed makes it
+    monkeypatch.setattr(procfs, "cgroups", fake_cgroups)
+    for _ in range(2):
+        info = table.exec(me, executable="/bin/x", args=["x"], refresh=False, cgroup_id=1)
+        assert info.container_id == "b" * 64
+    assert reads == [me, me]
+
+
+def test_reads_do_not_take_the_lock() -> None:
+    table = ProcessTable("host-1")
+    table.seed_from_proc()
+    with table._lock:  # a writer holding the lock does not stall readers
+        assert table.get(os.getpid()) is not None
+        assert table.lookup(os.getpid()).pid == os.getpid()
