@@ -62,6 +62,10 @@ class ControllerConfig:
     max_body: int = 1024 * 1024
 
     def __post_init__(self) -> None:
+        # Accept plain strings and lists from callers that build the object by hand.
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        object.__setattr__(self, "rule_dirs", tuple(Path(d) for d in self.rule_dirs))
+        object.__setattr__(self, "server_names", tuple(self.server_names))
         _validate(self)
 
     @property

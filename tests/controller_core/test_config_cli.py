@@ -156,3 +156,15 @@ def test_serve_starts_serves_metrics_and_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_create_app_mounts_every_area(tmp_path):
+    from controller.app import create_app
+
+    app = create_app(ControllerConfig(state_dir=str(tmp_path), rule_dirs=[str(tmp_path)]))
+    assert app.ctx.config.state_dir == tmp_path and app.ctx.config.rule_dirs == (tmp_path,)
+    paths = {r.path for r in app.router.routes}
+    for path in ("metrics", "api/v1/stream", "api/v1/openapi.json", "api/v1/enroll/ca",
+                 "api/v1/auth/login", "api/v1/hosts", "api/v1/alerts", "api/v1/policy",
+                 "api/v1/rules"):
+        assert path in paths, path
