@@ -314,7 +314,9 @@ def create_blueprint() -> Blueprint:
         try:
             action, args = validate(body["action"], body.get("args", {}))
         except InvalidArgs as e:
-            extra = {"actions": list(ACTIONS)} if str(e).startswith("unknown action") else {}
+            extra: dict[str, Any] = (
+                {"actions": list(ACTIONS)} if str(e).startswith("unknown action") else {}
+            )
             raise ApiError(400, str(e), **extra) from None
         ttl = _ttl(body, _default_ttl(request))
         header = request.headers.get("idempotency-key")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
@@ -50,7 +50,7 @@ def _pki(request: Request) -> PKIStore:
     pki = getattr(request.app.ctx, "pki", None)
     if pki is None:
         raise ApiError(503, "the PKI is not available")
-    return pki  # type: ignore[no-any-return]
+    return cast(PKIStore, pki)
 
 
 async def _pki_call(fn: Any, *args: Any, **kwargs: Any) -> Any:

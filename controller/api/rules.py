@@ -26,7 +26,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, json
@@ -70,13 +70,13 @@ def engine_of(app: Sanic) -> DetectionEngine:
     engine = getattr(app.ctx, "detection", None)
     if engine is None:
         raise ApiError(503, "detection is not running")
-    return engine  # type: ignore[no-any-return]
+    return cast(DetectionEngine, engine)
 
 
 def rule_dirs(app: Sanic) -> list[Path]:
     """The configured rule directories: the controller config's, else what the engine loaded."""
     config = getattr(app.ctx, "config", None)
-    configured = getattr(config, "rule_dirs", None)
+    configured: Any = getattr(config, "rule_dirs", None)
     if configured is None:
         # The engine keeps the directories it was loaded with; there is no public accessor.
         configured = getattr(engine_of(app), "_dirs", ())
@@ -93,7 +93,7 @@ async def last_report(app: Sanic) -> LoadReport:
     if report is None:
         report = await asyncio.to_thread(_scratch_report, engine_of(app), rule_dirs(app))
         app.ctx.rules_report = report
-    return report  # type: ignore[no-any-return]
+    return cast(LoadReport, report)
 
 
 def safe_filename(requested: str | None, title: str) -> str:
