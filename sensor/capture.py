@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from backplane.schema import Action, Event, Family, Tier, new_event
 from sensor.process_table import ProcessInfo, ProcessTable
+from sensor.procfs import printable
 
 
 class TierUnavailable(Exception):
@@ -149,10 +150,11 @@ class Source(abc.ABC):
         outcome: str | None = None,
     ) -> Event:
         ev = self.event(action, proc, epoch_ns=epoch_ns, outcome=outcome)
+        path = printable(path)
         directory, _, name = path.rpartition("/")
         fil: dict[str, Any] = {"path": path, "name": name, "directory": directory or "/"}
         if original_path is not None:
-            fil["Ext"] = {"original": {"path": original_path}}
+            fil["Ext"] = {"original": {"path": printable(original_path)}}
         if mode is not None:
             fil["mode"] = f"{mode & 0o7777:o}"
         if uid is not None:

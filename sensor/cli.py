@@ -23,9 +23,10 @@ from sensor.capture import CaptureContext, Source
 from sensor.config import MODES, ConfigError, SensorConfig, load
 from sensor.hashing import ExecutableHasher
 from sensor.host import host_fields
-from sensor.pipeline import EventPipeline, NdjsonSink
+from sensor.pipeline import EventPipeline, NdjsonSink, Sink, TeeSink
 from sensor.process_table import ProcessTable
 from sensor.runner import TIER_ORDER, CaptureRunner, ModeUnavailable, availability
+from sensor.uplink import Uplink, UplinkError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG, EXIT_TIER = 0, 1, 2, 3
 
@@ -60,7 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="capture events and stream them")
     _add_capture_args(run)
     run.add_argument(
-        "--output", default="-", help="NDJSON destination: '-' for stdout or a file path"
+        "--output",
+        help="NDJSON destination: '-' for stdout or a file path (default: stdout, unless "
+        "--controller is given)",
+    )
+    run.add_argument(
+        "--controller",
+        metavar="HOST[:PORT]",
+        help="stream events to this controller's backplane (mutual TLS; enroll first)",
     )
     run.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/edr/sensor)")
     run.add_argument(
@@ -182,8 +190,26 @@ def _open_output(target: str) -> NdjsonSink:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
-    sink = _open_output(args.output)
     host = host_fields(config.state_dir)
+    selection_box: dict[Family, Tier] = {}
+    runner_box: list[CaptureRunner] = []
+    uplink: Uplink | None = None
+    sinks: list[Sink] = []
+    if args.controller:
+        try:
+            uplink = Uplink(
+                config.state_dir,
+                args.controller,
+                host,
+                tiers=lambda: {f.value: t.value for f, t in selection_box.items()},
+                counters=lambda: runner_box[0].counters() if runner_box else {},
+            )
+        except UplinkError as exc:
+            raise ConfigError(str(exc)) from None
+        sinks.append(uplink.sink())
+    if args.output or uplink is None:
+        sinks.append(_open_output(args.output or "-"))
+    sink = sinks[0] if len(sinks) == 1 else TeeSink(sinks)
     table = ProcessTable(host["id"])
     seeded = table.seed_from_proc()
     pipeline = EventPipeline(
@@ -205,13 +231,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         stop.set()
 
     runner = CaptureRunner(ctx, config.modes, config.families, on_source_exit=source_exited)
+    runner_box.append(runner)
     try:
         selection = runner.open()
     except ModeUnavailable as exc:
         runner.stop()
         sink.close()
+        if uplink is not None:
+            uplink.stop()
         print(f"edr-sensor: {exc}", file=sys.stderr)
         return EXIT_TIER
+    selection_box.update(selection.tiers)
     for fam, passed in selection.passed_over.items():
         for tier, reason in passed.items():
             log.warning("%s: %s tier not used: %s", fam.value, tier.value, reason)
@@ -226,6 +256,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     pipeline.start()
     runner.start()
+    if uplink is not None:
+        uplink.start()
     deadline = started + args.duration if args.duration else None
     next_stats = started + args.stats_interval if args.stats_interval else None
     try:
@@ -236,13 +268,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                 break
             if deadline is not None and now >= deadline:
                 break
+            if uplink is not None:
+                uplink.tick()
             if next_stats is not None and now >= next_stats:
                 next_stats = now + args.stats_interval
                 _print_stats(_stats(selection.tiers, runner, pipeline, started))
     finally:
         runner.stop()
         pipeline.close()
+        uplink_counters = uplink.counters() if uplink is not None else None
+        if uplink is not None:
+            uplink.stop()
     stats = _stats(selection.tiers, runner, pipeline, started)
+    if uplink_counters is not None:
+        stats["uplink"] = uplink_counters
     _print_stats(stats)
     if args.stats_file:
         args.stats_file.write_text(json.dumps(stats, indent=2) + "\n")

@@ -296,8 +296,12 @@ class NetRecord:
 
 
 def _cstr(raw: bytes) -> str:
-    """A NUL-terminated C string; bytes that are not UTF-8 survive as surrogate escapes."""
-    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    """A NUL-terminated C string; bytes that are not UTF-8 become visible \\xNN escapes.
+
+    Events travel as JSON and msgpack, which carry only valid Unicode: a lone surrogate
+    (surrogateescape) would make the whole batch unencodable.
+    """
+    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
 def _header(values: tuple[Any, ...]) -> Header:
@@ -315,7 +319,7 @@ def split_args(buf: bytes, count: int) -> list[str]:
     parts = buf.split(b"\0")
     if parts and parts[-1] == b"":
         parts.pop()
-    return [p.decode("utf-8", "surrogateescape") for p in parts[:count]]
+    return [p.decode("utf-8", "backslashreplace") for p in parts[:count]]
 
 
 def decode_fork(raw: bytes) -> ForkRecord:

@@ -52,7 +52,7 @@ def parse_controller(controller: str) -> tuple[str, int]:
     """Split ``HOST[:PORT]``, ``[V6]:PORT`` or ``https://HOST[:PORT]`` into host and port."""
     text = controller.strip()
     if text.startswith("https://"):
-        text = text[len("https://"):].rstrip("/")
+        text = text[len("https://") :].rstrip("/")
     elif "://" in text:
         raise EnrollError(f"controller {controller!r}: only https:// is supported")
     host, port_text = text, ""
@@ -60,7 +60,7 @@ def parse_controller(controller: str) -> tuple[str, int]:
         end = text.find("]")
         if end < 0:
             raise EnrollError(f"controller {controller!r}: unclosed '[' in IPv6 address")
-        host, rest = text[1:end], text[end + 1:]
+        host, rest = text[1:end], text[end + 1 :]
         if rest:
             if not rest.startswith(":"):
                 raise EnrollError(f"controller {controller!r}: expected ':PORT' after ']'")
@@ -176,8 +176,9 @@ def build_csr(key: ec.EllipticCurvePrivateKey, hostname: str) -> bytes:
     )
 
 
-def _check_issued(cert_pem: bytes, ca_pem: bytes, key: ec.EllipticCurvePrivateKey,
-                  host_id: Any) -> x509.Certificate:
+def _check_issued(
+    cert_pem: bytes, ca_pem: bytes, key: ec.EllipticCurvePrivateKey, host_id: Any
+) -> x509.Certificate:
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
@@ -237,17 +238,26 @@ def enroll(
 
     key = ec.generate_private_key(ec.SECP256R1())
     pending = state_dir / "sensor.key.pending"
-    _write(pending, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ), 0o600)
+    _write(
+        pending,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        0o600,
+    )
     try:
         ca_pem = fetch_ca(host, port, pinned)
         verified = ssl.create_default_context(cadata=ca_pem.decode())
         verified.minimum_version = ssl.TLSVersion.TLSv1_2
-        body = json.dumps({
-            "token": token, "csr": build_csr(key, hostname).decode(), "hostname": hostname,
-        }).encode()
+        body = json.dumps(
+            {
+                "token": token,
+                "csr": build_csr(key, hostname).decode(),
+                "hostname": hostname,
+            }
+        ).encode()
         status, data = _request(host, port, verified, "POST", ENROLL_PATH, body)
         if status != 200:
             raise EnrollError(_server_error(status, data))
@@ -269,25 +279,46 @@ def enroll(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``edr-sensor enroll``."""
-    parser.add_argument("--controller", required=True, metavar="HOST[:PORT]",
-                        help=f"controller address (HTTPS, default port {DEFAULT_PORT})")
-    parser.add_argument("--token", required=True,
-                        help="one-time enrollment token from 'edr-certs token create'")
-    parser.add_argument("--ca-sha256", required=True, metavar="FP",
-                        help="the CA fingerprint from 'edr-certs fingerprint'")
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                        help=f"where the identity is kept (default {DEFAULT_STATE_DIR})")
-    parser.add_argument("--hostname", default=None,
-                        help="name to register (default: this machine's hostname)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an existing identity in the state directory")
+    parser.add_argument(
+        "--controller",
+        required=True,
+        metavar="HOST[:PORT]",
+        help=f"controller address (HTTPS, default port {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--token", required=True, help="one-time enrollment token from 'edr-certs token create'"
+    )
+    parser.add_argument(
+        "--ca-sha256",
+        required=True,
+        metavar="FP",
+        help="the CA fingerprint from 'edr-certs fingerprint'",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"where the identity is kept (default {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--hostname", default=None, help="name to register (default: this machine's hostname)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing identity in the state directory"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``edr-sensor enroll``; one line on stderr and exit code 1 on failure."""
     try:
-        host_id = enroll(args.controller, args.token, args.ca_sha256, args.state_dir,
-                         hostname=args.hostname, force=args.force)
+        host_id = enroll(
+            args.controller,
+            args.token,
+            args.ca_sha256,
+            args.state_dir,
+            hostname=args.hostname,
+            force=args.force,
+        )
     except EnrollError as exc:
         print(f"edr-sensor enroll: error: {exc}", file=sys.stderr)
         return 1

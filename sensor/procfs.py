@@ -61,7 +61,22 @@ def cmdline(pid: int, max_args: int = 128, max_bytes: int = 4096) -> tuple[list[
         parts.pop()
     if len(parts) > max_args:
         parts, truncated = parts[:max_args], True
-    return [p.decode("utf-8", "surrogateescape") for p in parts], truncated
+    return [p.decode("utf-8", "backslashreplace") for p in parts], truncated
+
+
+def printable(text: str) -> str:
+    """``text`` as valid Unicode: undecodable bytes (surrogate escapes) become ``\\xNN``.
+
+    Paths from the OS may hold bytes that are not UTF-8; events travel as JSON and msgpack,
+    which carry only valid Unicode, so one such path must not make a whole batch unencodable.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
 
 
 def link(pid: int, name: str) -> str | None:
@@ -69,7 +84,7 @@ def link(pid: int, name: str) -> str | None:
         target = os.readlink(f"/proc/{pid}/{name}")
     except OSError:
         return None
-    return target.removesuffix(" (deleted)")
+    return printable(target.removesuffix(" (deleted)"))
 
 
 def ids(pid: int) -> tuple[int, int] | None:
