@@ -26,7 +26,10 @@ fmt: ## format the code
 bench: ## the benchmarks (root, takes minutes)
 	$(VENV)/python bench/exec_storm.py
 
+vm-test: ## kprobe and tracepoint tiers in QEMU/KVM on Debian 6.1 and 6.12 kernels (root)
+	$(VENV)/python tests/vm/harness.py
+
 probe: ## which capture tiers work on this machine
 	$(VENV)/edr-sensor probe
 
-.PHONY: help setup run test lint fmt bench probe
+.PHONY: help setup run test lint fmt bench probe vm-test
