@@ -100,14 +100,19 @@ class ProcessActions:
 
     # -- checks ------------------------------------------------------------------------------
 
-    def check_target(self, pid: int, entity_id: str | None) -> ProcStat:
-        """Refuse pid 0/1, kernel threads, the sensor and its ancestors, a reused pid."""
+    @staticmethod
+    def check_pid(pid: Any) -> None:
+        """Checks that need no process: the type, pid 1, the sensor and its ancestors."""
         if isinstance(pid, bool) or not isinstance(pid, int) or pid < 1:
             raise ActionRefused(f"pid must be a positive integer, not {pid!r}")
         if pid == 1:
             raise ActionRefused("pid 1 (init) is never a target", pid=pid)
         if pid in protected_pids():
             raise ActionRefused(f"pid {pid} is the sensor or one of its ancestors", pid=pid)
+
+    def check_target(self, pid: int, entity_id: str | None) -> ProcStat:
+        """Refuse pid 0/1, kernel threads, the sensor and its ancestors, a reused pid."""
+        self.check_pid(pid)
         st = read_stat(pid)
         if st is None:
             raise ActionFailed(f"no process with pid {pid}", pid=pid)
@@ -124,6 +129,7 @@ class ProcessActions:
     @contextmanager
     def pinned(self, pid: int, entity_id: str | None) -> Iterator[tuple[int, ProcStat]]:
         """A pidfd for ``pid``, opened before the checks so the checked process is the one hit."""
+        self.check_pid(pid)
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
