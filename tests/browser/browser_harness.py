@@ -1,0 +1,199 @@
+"""Browser-test harness: a real controller (``create_app`` over HTTPS on 127.0.0.1, backplane
+on the same loop) with real users, and the real sensor (``python -m sensor.cli run
+--controller``, fallback tier) enrolled offline and streaming to it.
+
+Also runnable as a script to get a console to look at by hand::
+
+    .venv/bin/python tests/browser/browser_harness.py /tmp/edr-dev
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from argon2 import PasswordHasher
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # when run as a script
+    sys.path.insert(0, str(REPO))
+
+from controller.app import create_app, ensure_pki  # noqa: E402
+from controller.config import ControllerConfig  # noqa: E402
+from controller.maintenance import Intervals  # noqa: E402
+
+# Cheap argon2 parameters: verification reads them from the hash, so logins stay real.
+FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+PASSWORD = "correct horse battery staple"  # noqa: S105 -- test users only
+USERS = {"ada": "admin", "rex": "responder", "val": "viewer"}
+
+# A rule the tests trigger on purpose: any exec whose command line carries this marker.
+RULE_MARKER = "edr-browser-alert-marker"
+TEST_RULE = f"""\
+title: Browser Test Marker Executed
+id: 6f0c1d3e-5b7a-4e21-9c1d-0b5e2f7a9d11
+status: test
+description: Fires when a process runs with the browser test's marker in its command line.
+logsource:
+  product: linux
+  category: process_creation
+detection:
+  selection:
+    CommandLine|contains: '{RULE_MARKER}'
+  condition: selection
+level: high
+"""
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+class Controller:
+    """``create_app`` served over HTTPS on 127.0.0.1:<free port>, on its own loop thread."""
+
+    def __init__(self, state: Path) -> None:
+        rules = state / "rules"
+        rules.mkdir(parents=True, exist_ok=True)
+        (rules / "browser_test_marker.yml").write_text(TEST_RULE)
+        self.config = ControllerConfig(
+            state_dir=state / "controller", backplane="tcp://127.0.0.1:0",
+            http_host="127.0.0.1", http_port=0, server_names=("localhost", "127.0.0.1"),
+            rule_dirs=(rules,),
+        )
+        self.pki = ensure_pki(self.config)
+        self.app = create_app(self.config, intervals=Intervals(
+            index_idle=0.2, checkpoint=1, commands=0.2, retention=5, crl=1))
+        self.app.config.TOUCHUP = False  # several apps per process (see controller_core)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.call(self._start())
+        for name, role in USERS.items():
+            self.ctx.store.create_user(name, FAST_HASHER.hash(PASSWORD), role)
+
+    async def _start(self) -> Any:
+        server = await self.app.create_server(
+            sock=self.sock, ssl={"cert": str(self.pki.server_cert_path),
+                                 "key": str(self.pki.server_key_path)},
+            return_asyncio_server=True, access_log=False,
+        )
+        assert server is not None
+        await server.startup()
+        await server.before_start()
+        await server.after_start()
+        self._serving = asyncio.ensure_future(server.serve_forever())
+        return server
+
+    async def _stop(self) -> None:
+        await self.server.before_stop()
+        self.server.close()
+        await self.server.wait_closed()
+        self._serving.cancel()
+        await self.server.after_stop()
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    @property
+    def ctx(self) -> Any:
+        return self.app.ctx
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def backplane_port(self) -> int:
+        return int(str(self.ctx.backplane_endpoint).rsplit(":", 1)[1])
+
+    def close(self) -> None:
+        try:
+            self.call(self._stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+            self.sock.close()
+
+
+class SensorProcess:
+    """The real sensor, enrolled offline (what ``edr-certs issue`` leaves), in the fallback tier."""
+
+    def __init__(self, ctl: Controller, state: Path, hostname: str = "browser-host") -> None:
+        self.host_id, cert, key = ctl.pki.issue_offline(hostname)
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key_path = state / "sensor.key"
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key)
+        (state / "sensor.pem").write_bytes(cert)
+        (state / "ca.pem").write_bytes(ctl.pki.ca_path.read_bytes())
+        (state / "host_id").write_text(self.host_id + "\n")
+        self.log = state / "sensor.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sensor.cli", "run", "--mode", "fallback",
+                 "--families", "process", "--state-dir", str(state),
+                 "--stats-interval", "0", "--controller", f"localhost:{ctl.backplane_port}"],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
+            )
+        wait_for(lambda: "capturing " in self.log.read_text() or self.proc.poll() is not None,
+                 30, "the sensor to start capturing")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"sensor exited: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def main() -> None:  # pragma: no cover - manual use
+    state = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/edr-browser-dev")
+    state.mkdir(parents=True, exist_ok=True)
+    ctl = Controller(state)
+    sensor = SensorProcess(ctl, state / "sensor")
+    print(f"console: {ctl.url}  users {', '.join(USERS)} / {PASSWORD!r}  host {sensor.host_id}",
+          flush=True)
+    (state / "url").write_text(ctl.url)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sensor.stop()
+        ctl.close()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
