@@ -88,6 +88,8 @@ def _apply_sensor(config: SensorConfig, key: str, value: Any, where: str) -> Non
     elif key == "queue_size":
         _check(_is_int(value) and value > 0, where, "expected a positive integer")
         config.queue_size = value
+    elif key == "controller" and value is None:  # an empty EDR_SENSOR_CONTROLLER: unset
+        config.controller = None
     elif key == "controller":
         _check(
             isinstance(value, str) and bool(value.strip()) and not any(c.isspace() for c in value),
@@ -135,6 +137,8 @@ def _apply_capture(config: SensorConfig, key: str, value: Any, where: str) -> No
 
 def _from_env(key: str, raw: str, where: str) -> Any:
     """Turn an environment string into the value the TOML file would hold for ``key``."""
+    if key == "controller" and not raw.strip():
+        return None  # sensor.env ships the variable empty until the address is known
     if key in ("families", *_PREFIX_KEYS):
         return [v.strip() for v in raw.split(",") if v.strip()]
     if key == "modes":
