@@ -53,6 +53,7 @@ from sigma.types import (
 from controller.detection.fields import KEYWORD_FIELDS, UnknownField, as_text, getter_for
 
 Pred = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
+Guard = frozenset[tuple[str, str]]  # (Sigma field, lower-cased literal that must occur)
 TextTest = Callable[[str], bool]
 
 # Modifiers whose meaning this evaluator implements. The rest (timestamp parts, placeholder
@@ -90,6 +91,10 @@ class CompiledRule:
     predicate: Pred
     fields: frozenset[str]
     getters: dict[str, Callable[[Mapping[str, Any]], Any]] = field(repr=False)
+    # A necessary condition: the rule can only fire when one of these lower-cased needles
+    # occurs in the lower-cased text of its field. ``None`` when no such set could be derived
+    # (a NOT at the top, a regex, a number...): the rule then runs on every event of its action.
+    guard: Guard | None = None
 
 
 def check_modifiers(rule: SigmaRule) -> None:
@@ -123,13 +128,79 @@ def compile_rule(rule: SigmaRule) -> CompiledRule:
     check_modifiers(rule)
     builder = _Builder()
     preds = []
+    trees: list[Any] = []
     for condition in rule.detection.parsed_condition:
         tree = condition.parse()
         if tree is None:
             raise UnsupportedRule("the condition is empty after parsing")
         preds.append(builder.node(tree))
+        trees.append(tree)
     predicate, _ = _or(preds)
-    return CompiledRule(predicate, frozenset(builder.getters), builder.getters)
+    guard = _guard_any([_guard(t) for t in trees])
+    return CompiledRule(predicate, frozenset(builder.getters), builder.getters, guard)
+
+
+# -- pre-filter guards ------------------------------------------------------------------------
+#
+# A guard over-approximates a condition: whenever the condition is true, at least one
+# (field, needle) pair of the guard holds, i.e. the needle is a substring of the field's
+# lower-cased text. False positives only cost a predicate call; a false negative would lose
+# a detection, so every case that is not clearly covered returns ``None`` (no guard).
+
+_MIN_NEEDLE = 2  # shorter literals match nearly everything and only cost set size
+
+
+def _guard(n: Any) -> Guard | None:
+    if isinstance(n, ConditionAND):
+        # Any operand's guard is necessary for the AND; take the most selective one.
+        best: Guard | None = None
+        for arg in n.args:
+            g = _guard(arg)
+            if g is not None and (best is None or _selectivity(g) > _selectivity(best)):
+                best = g
+        return best
+    if isinstance(n, ConditionOR):
+        return _guard_any([_guard(a) for a in n.args])
+    if isinstance(n, ConditionFieldEqualsValueExpression):
+        values = n.value.values if isinstance(n.value, SigmaExpansion) else [n.value]
+        return _guard_any([_value_guard((n.field,), v) for v in values])
+    if isinstance(n, ConditionValueExpression):
+        values = n.value.values if isinstance(n.value, SigmaExpansion) else [n.value]
+        return _guard_any([_value_guard(KEYWORD_FIELDS, v) for v in values])
+    return None  # NOT, and anything else: no necessary literal
+
+
+def _guard_any(guards: list[Guard | None]) -> Guard | None:
+    if not guards or any(g is None for g in guards):
+        return None
+    return frozenset().union(*guards)  # type: ignore[arg-type]
+
+
+def _selectivity(g: Guard) -> tuple[int, int]:
+    """Longer shortest needle first, then fewer alternatives."""
+    return min(len(needle) for _, needle in g), -len(g)
+
+
+def _value_guard(fields: Iterable[str], value: Any) -> Guard | None:
+    if isinstance(value, SigmaBool):
+        needle = "true" if value.boolean else "false"
+    elif isinstance(value, SigmaString) and not isinstance(value, SigmaCasedString):
+        # Case-sensitive values are left unguarded: str.lower() is not always a per-character
+        # map (final sigma), so containment in the raw text need not survive lower-casing.
+        segments = [""]
+        for part in value.s:
+            if isinstance(part, str):
+                segments[-1] += part.lower()
+            elif isinstance(part, SpecialChars):
+                segments.append("")
+            else:  # a placeholder: compile_rule refuses these anyway
+                return None
+        needle = max(segments, key=len)
+    else:
+        return None  # regex, numbers, null, exists, CIDR, field references
+    if len(needle) < _MIN_NEEDLE:
+        return None
+    return frozenset((f, needle) for f in fields)
 
 
 class _Builder:
@@ -270,7 +341,9 @@ def _text_test(value: Any) -> tuple[TextTest | _Plain, bool, int] | None:
             compiled = re2.compile(pattern)
         except re2.error as e:
             raise UnsupportedRule(f"regular expression {pattern!r} does not compile: {e}") from e
-        return (lambda s: compiled.search(s) is not None), True, _COST_RE
+        # Text may hold lone surrogates (undecodable bytes); RE2 takes UTF-8 bytes, so they are
+        # passed through rather than raising on every such event.
+        return (lambda s: compiled.search(_utf8(s)) is not None), True, _COST_RE
     if isinstance(value, SigmaBool):
         return _Plain("eq", "true" if value.boolean else "false"), False, _COST_STR
     if isinstance(value, SigmaString):
@@ -336,6 +409,10 @@ def _glob(head: str, middle: list[str], tail: str) -> TextTest:
     return test
 
 
+def _utf8(s: str) -> bytes:
+    return s.encode("utf-8", "surrogatepass")
+
+
 def _glob_regex(tokens: list[str | SpecialChars]) -> TextTest:
     parts = []
     for tok in tokens:
@@ -347,7 +424,7 @@ def _glob_regex(tokens: list[str | SpecialChars]) -> TextTest:
             # Escape every non-alphanumeric as \x{..}: RE2 rejects some of re.escape's escapes.
             parts.append("".join(c if c.isalnum() else f"\\x{{{ord(c):x}}}" for c in str(tok)))
     compiled = re2.compile("(?s)" + "".join(parts))
-    return lambda s: compiled.fullmatch(s) is not None
+    return lambda s: compiled.fullmatch(_utf8(s)) is not None
 
 
 def _merge(tests: list[tuple[TextTest | _Plain, int]]) -> tuple[TextTest, int]:

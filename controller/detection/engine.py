@@ -17,6 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import re2  # type: ignore[import-untyped]
 import yaml
 from sigma.collection import SigmaCollection
 from sigma.correlations import SigmaCorrelationRule
@@ -129,11 +130,52 @@ class _Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class _Filter:
+    """Every guard needle on one field in one RE2 set: a single linear pass over the field's
+    text says which needles occur, and so which guarded rules can fire at all."""
+
+    field: str
+    needles: Any  # re2.Set
+    rules: tuple[tuple[int, ...], ...]  # needle index → indexes into _Bucket.rules
+
+
+@dataclass(frozen=True, slots=True)
 class _Bucket:
-    """The enabled rules for one event action and the fields they read."""
+    """The enabled rules for one event action, the fields they read and their pre-filter."""
 
     rules: tuple[_Rule, ...]
-    getters: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...]
+    getters: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...]  # pre-filter fields
+    rest: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...]  # read only on a candidate
+    filters: tuple[_Filter, ...] = ()
+    always: frozenset[int] = frozenset()  # rules without a guard: evaluated on every event
+
+
+def _bucket(members: list[_Rule]) -> _Bucket:
+    getters: dict[str, Callable[[Mapping[str, Any]], Any]] = {}
+    by_field: dict[str, dict[str, list[int]]] = {}
+    always: set[int] = set()
+    for i, rule in enumerate(members):
+        getters.update(rule.compiled.getters)
+        guard = rule.compiled.guard
+        if guard is None:
+            always.add(i)
+            continue
+        for fld, needle in guard:
+            by_field.setdefault(fld, {}).setdefault(needle, []).append(i)
+    filters = []
+    for fld, needles in sorted(by_field.items()):
+        rset = re2.Set.SearchSet(re2.Options())
+        table = []
+        for needle, idx in needles.items():
+            rset.Add(re2.escape(needle))
+            table.append(tuple(idx))
+        rset.Compile()
+        filters.append(_Filter(fld, rset, tuple(table)))
+    # Fields the pre-filter reads are extracted for every event, the others only when some
+    # rule is a candidate (most events are benign and stop at the pre-filter).
+    first = tuple(sorted((f, g) for f, g in getters.items() if f in by_field or always))
+    rest = tuple(sorted((f, g) for f, g in getters.items() if not (f in by_field or always)))
+    return _Bucket(tuple(members), first, rest, tuple(filters), frozenset(always))
 
 
 class DetectionEngine:
@@ -151,6 +193,9 @@ class DetectionEngine:
         self._index: dict[str, _Bucket] = {}
         self._write = threading.Lock()  # serialises load/enable/disable, never taken by match
         self.errors = 0  # predicates that raised (a bug, logged); the event still flows on
+        # Rule predicates called after the pre-filter (approximate under concurrent match
+        # calls: a statistic, not an invariant).
+        self.evaluations = 0
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -313,12 +358,7 @@ class DetectionEngine:
                 continue
             for action in rule.info.actions:
                 by_action.setdefault(action, []).append(rule)
-        index: dict[str, _Bucket] = {}
-        for action, members in by_action.items():
-            getters: dict[str, Callable[[Mapping[str, Any]], Any]] = {}
-            for rule in members:
-                getters.update(rule.compiled.getters)
-            index[action] = _Bucket(tuple(members), tuple(sorted(getters.items())))
+        index = {action: _bucket(members) for action, members in by_action.items()}
         self._index = index  # one assignment: readers see the old or the new set, never half
 
     # -- matching -------------------------------------------------------------------------------
@@ -339,15 +379,29 @@ class DetectionEngine:
             return []
         raw: dict[str, Any] = {}
         low: dict[str, Any] = {}
-        for name, get in bucket.getters:
-            v = get(event)
-            raw[name] = v
-            if v.__class__ is str:
-                low[name] = v.lower()
-            else:
-                low[name] = lower_text(as_text(v))
+        _extract(event, bucket.getters, raw, low)
+        # Pre-filter: only rules whose guard needle occurs (plus unguarded ones) are called.
+        candidates = set(bucket.always)
+        for flt in bucket.filters:
+            s = low[flt.field]
+            if s is None:
+                continue
+            if s.__class__ is not str:
+                s = "\x00".join(s)  # a needle in one element is in the joined text too
+            found = flt.needles.Match(s.encode("utf-8", "surrogatepass"))
+            if found:
+                table = flt.rules
+                for n in found:
+                    candidates.update(table[n])
+        if not candidates:
+            return []
+        self.evaluations += len(candidates)
+        if bucket.rest:
+            _extract(event, bucket.rest, raw, low)
         out: list[Match] = []
-        for rule in bucket.rules:
+        rules = bucket.rules
+        for i in sorted(candidates):
+            rule = rules[i]
             try:
                 hit = rule.predicate(low, raw)
             except Exception:  # a predicate bug must not stop ingest; count it and go on
@@ -365,6 +419,21 @@ class DetectionEngine:
     def actions(self) -> dict[str, int]:
         """Enabled rule count per event action (what dispatch will test)."""
         return {a: len(b.rules) for a, b in self._index.items()}
+
+
+def _extract(
+    event: Mapping[str, Any],
+    getters: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...],
+    raw: dict[str, Any],
+    low: dict[str, Any],
+) -> None:
+    for name, get in getters:
+        v = get(event)
+        raw[name] = v
+        if v.__class__ is str:
+            low[name] = v.lower()
+        else:
+            low[name] = lower_text(as_text(v))
 
 
 def _rule_files(root: Path, report: LoadReport) -> list[Path]:

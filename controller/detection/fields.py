@@ -56,8 +56,19 @@ def getter_for(field: str) -> Getter:
 
         return initiated
 
+    parts = tuple(path.split("."))
+
     def get(event: Mapping[str, Any]) -> Any:
-        return get_path(event, path)
+        # Hot path (every field of every event): plain dicts, as decoded from the wire, are
+        # walked with dict.get; any other mapping takes the general lookup from there.
+        node: Any = event
+        for i, part in enumerate(parts):
+            if node.__class__ is not dict:
+                return get_path(node, ".".join(parts[i:])) if isinstance(node, Mapping) else None
+            node = node.get(part)
+            if node is None:
+                return None
+        return node
 
     return get
 
