@@ -7,17 +7,20 @@
 #                                        edr-controller user
 #
 # Options: --root DIR removes from a staging root made by install.sh --root (no systemctl, no
-# nftables, no users).
+# nftables, no users); --nftables with --root still deletes the table in the current network
+# namespace (the tests run it inside a namespace they made).
 set -euo pipefail
 
 root=""
 purge=0
+nftables=1
 die() { printf 'uninstall: %s\n' "$*" >&2; exit 1; }
 log() { printf 'uninstall: %s\n' "$*" >&2; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --purge) purge=1 ;;
+        --nftables) nftables=2 ;;
         --root)
             [ $# -ge 2 ] || die "--root needs a directory"
             root=$2; shift ;;
@@ -33,6 +36,7 @@ if [ -n "$root" ]; then
 fi
 staging=0
 [ -n "$root" ] && staging=1
+[ "$staging" = 1 ] && [ "$nftables" = 1 ] && nftables=0
 if [ "$staging" = 0 ] && [ "$(id -u)" != 0 ]; then
     die "run as root (sudo $0)"
 fi
@@ -64,7 +68,7 @@ done
 
 # The sensor's network actions (block, isolate) live in one nftables table it owns: removing it
 # lifts every block and an isolation even when the sensor is gone.
-if [ "$staging" = 0 ] && command -v nft >/dev/null; then
+if [ "$nftables" != 0 ] && command -v nft >/dev/null; then
     if nft list table inet edr >/dev/null 2>&1; then
         log "deleting the nftables table inet edr"
         nft delete table inet edr
