@@ -109,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     dump = sub.add_parser("dump-bpf", help="print the exact BPF C source and compiler flags")
     _add_capture_args(dump)
 
+    unisolate = sub.add_parser(
+        "unisolate",
+        help="remove every network block and the isolation this sensor applied",
+    )
+    unisolate.add_argument(
+        "--local", action="store_true", required=True,
+        help="act here at the console, without the controller",
+    )  # fmt: skip
+    unisolate.add_argument(
+        "--state-dir", type=Path, help="state directory (default /var/lib/edr/sensor)"
+    )
+    unisolate.add_argument("--config", type=Path, help="TOML configuration file")
+
     try:
         from sensor import enroll
     except ImportError:
@@ -291,6 +304,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_unisolate(args: argparse.Namespace) -> int:
+    """Delete the sensor's nftables table and forget its blocks and isolation, in one step."""
+    from sensor.response import ActionFailed, Firewall
+
+    config = load(args.config)
+    state_dir = args.state_dir or config.state_dir
+    try:
+        out = Firewall(state_dir / "network.json").remove_all()
+    except ActionFailed as exc:
+        print(f"edr-sensor: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(
+        f"edr-sensor: removed {len(out['removed_blocks'])} block(s)"
+        f"{' and the isolation' if out['was_isolated'] else ''}; the table inet edr is gone"
+    )
+    return EXIT_OK
+
+
 def _stats(
     tiers: dict[Family, Tier], runner: CaptureRunner, pipeline: EventPipeline, started: float
 ) -> dict[str, Any]:
@@ -319,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         format="edr-sensor: %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    handlers = {"run": cmd_run, "probe": cmd_probe, "dump-bpf": cmd_dump_bpf}
+    handlers = {
+        "run": cmd_run, "probe": cmd_probe, "dump-bpf": cmd_dump_bpf, "unisolate": cmd_unisolate,
+    }  # fmt: skip
     handler = getattr(args, "handler", None) or handlers[args.command]
     try:
         return int(handler(args))

@@ -275,7 +275,8 @@ class Firewall:
                                             "prio": PRIORITY, "policy": "accept"}}})  # fmt: skip
 
         def rule(hook: str, *expr: dict[str, Any]) -> None:
-            cmds.append({"add": {"rule": {**self._chain(hook), "expr": list(expr)}}})
+            cmds.append({"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": hook,
+                                          "expr": list(expr)}}})  # fmt: skip
 
         # The controller first: no block can cut the sensor off from its controller.
         for addr in self.controller:
