@@ -50,6 +50,8 @@ class Action(StrEnum):
     ACCEPT = "accept"
     LISTEN = "listen"
     DNS_QUERY = "dns-query"
+    HOLD = "hold"  # the sensor stopped a process on its own (policy)
+    QUARANTINE = "quarantine"  # the sensor quarantined a file on its own (policy)
 
 
 _ACTIONS: dict[Action, tuple[Family, tuple[str, ...]]] = {
@@ -67,6 +69,8 @@ _ACTIONS: dict[Action, tuple[Family, tuple[str, ...]]] = {
     Action.ACCEPT: (Family.NETWORK, ("connection", "start")),
     Action.LISTEN: (Family.NETWORK, ("start",)),
     Action.DNS_QUERY: (Family.NETWORK, ("protocol",)),
+    Action.HOLD: (Family.PROCESS, ("change",)),
+    Action.QUARANTINE: (Family.FILE, ("deletion",)),
 }
 
 

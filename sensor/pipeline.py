@@ -12,6 +12,7 @@ import json
 import queue
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import IO, Any, Protocol
 
 import orjson
@@ -74,12 +75,14 @@ class EventPipeline:
         table: ProcessTable,
         *,
         hasher: ExecutableHasher | None = None,
+        inspect: Callable[[Event], list[Event]] | None = None,
         maxsize: int = 65536,
         batch: int = 512,
     ) -> None:
         self._sink = sink
         self._table = table
         self._hasher = hasher or ExecutableHasher()
+        self._inspect = inspect  # local policy (sensor/enforce.py): may add events it caused
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
         self._batch = batch
         self._thread = threading.Thread(target=self._run, name="edr-writer", daemon=True)
@@ -171,6 +174,8 @@ class EventPipeline:
                 if action == Action.EXEC:
                     self._enrich(ev)
                 by_action[action] += 1
+            if self._inspect is not None:
+                batch.extend([out for ev in list(batch) for out in self._inspect(ev)])
             if batch:
                 try:
                     self._sink.write(batch)
