@@ -208,6 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner_box: list[CaptureRunner] = []
     uplink: Uplink | None = None
     sinks: list[Sink] = []
+    table = ProcessTable(host["id"])
+    responder, enforcer = _response(config.state_dir, host, table, args.controller)
     if args.controller:
         try:
             uplink = Uplink(
@@ -216,18 +218,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 host,
                 tiers=lambda: {f.value: t.value for f, t in selection_box.items()},
                 counters=lambda: runner_box[0].counters() if runner_box else {},
+                responder=responder.handle if responder else None,
+                on_policy_applied=enforcer.set_policy if enforcer else None,
             )
+            if enforcer is not None:
+                enforcer.set_policy(uplink.policy_version, uplink.policy)
         except UplinkError as exc:
             raise ConfigError(str(exc)) from None
         sinks.append(uplink.sink())
     if args.output or uplink is None:
         sinks.append(_open_output(args.output or "-"))
     sink = sinks[0] if len(sinks) == 1 else TeeSink(sinks)
-    table = ProcessTable(host["id"])
     seeded = table.seed_from_proc()
     pipeline = EventPipeline(
-        sink, table, hasher=ExecutableHasher(config.hash_max_bytes), maxsize=config.queue_size
-    )
+        sink, table, hasher=ExecutableHasher(config.hash_max_bytes), maxsize=config.queue_size,
+        inspect=enforcer.inspect if enforcer else None,
+    )  # fmt: skip
     ctx = CaptureContext(
         host=host,
         table=table,
@@ -269,6 +275,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     pipeline.start()
     runner.start()
+    if responder is not None:
+        responder.start()  # re-applies saved blocks and isolation
     if uplink is not None:
         uplink.start()
     deadline = started + args.duration if args.duration else None
@@ -289,6 +297,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         runner.stop()
         pipeline.close()
+        if responder is not None:
+            responder.stop()
         uplink_counters = uplink.counters() if uplink is not None else None
         if uplink is not None:
             uplink.stop()
@@ -302,6 +312,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"edr-sensor: {failure[0]}", file=sys.stderr)
         return EXIT_RUNTIME
     return EXIT_OK
+
+
+def _response(
+    state_dir: Path, host: dict[str, Any], table: ProcessTable, controller: str | None
+) -> tuple[Any, Any]:
+    """The Responder and the policy Enforcer; (None, None) where they cannot work (not root)."""
+    from sensor.enforce import Enforcer
+    from sensor.response import Responder
+    from sensor.response.netfilter import resolve
+    from sensor.uplink import parse_controller
+
+    if os.geteuid() != 0:
+        log.warning("not root: response actions and policy enforcement are off")
+        return None, None
+    name = ""
+    if controller:
+        try:
+            name = parse_controller(controller)[1]
+        except UplinkError:
+            name = ""  # reported by the uplink itself
+    addresses = resolve(name) if name else []
+    try:
+        responder = Responder(state_dir, table.entity_id, controller=addresses)
+    except OSError as exc:
+        log.warning("response actions are off: %s", exc)
+        return None, None
+    policy: tuple[int, dict[str, Any]] = (-1, {})
+    try:
+        saved = json.loads((state_dir / "policy.json").read_text())
+        policy = (int(saved["version"]), dict(saved["document"]))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable policy: %s", exc)
+    return responder, Enforcer(responder, host, policy)
 
 
 def cmd_unisolate(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from sensor import __version__
 log = logging.getLogger("edr.sensor")
 
 DEFAULT_BACKPLANE_PORT = 7443
-CAPABILITIES = ["events", "heartbeat", "policy", "renew"]
+CAPABILITIES = ["events", "heartbeat", "policy", "renew", "response"]
 
 
 class UplinkError(Exception):
@@ -109,6 +109,8 @@ class Uplink:
         tiers: Callable[[], dict[str, str]],
         counters: Callable[[], dict[str, Any]],
         outbox_max_bytes: int = 1 << 30,
+        responder: Callable[[Command], CommandResult] | None = None,
+        on_policy_applied: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> None:
         endpoint, server_name = parse_controller(controller)
         creds = ensure_credentials(state_dir)
@@ -117,6 +119,8 @@ class Uplink:
         self._tiers = tiers
         self._counters = counters
         self.outbox = Outbox(state_dir / "outbox.db", max_bytes=outbox_max_bytes)
+        self._responder = responder
+        self._on_policy_applied = on_policy_applied
         self.policy_file = state_dir / "policy.json"
         self.policy_version, self.policy = self._load_policy()
         self.client = BackplaneClient(
@@ -180,8 +184,10 @@ class Uplink:
         return default_heartbeat(self.outbox, self._tiers(), _flat_counters(self._counters()))
 
     def _on_command(self, cmd: Command) -> CommandResult:
-        # Response actions come with their own module; until then every command is refused
-        # with a reason the controller stores, never silently ignored.
+        if self._responder is not None:
+            return self._responder(cmd)
+        # Without response actions every command is refused with a reason the controller
+        # stores, never silently ignored.
         return CommandResult(
             cmd.id, "refused", {"error": f"this sensor does not support {cmd.action!r} yet"}
         )
@@ -195,6 +201,8 @@ class Uplink:
             os.fsync(f.fileno())
         os.replace(tmp, self.policy_file)
         self.policy_version, self.policy = version, document
+        if self._on_policy_applied is not None:
+            self._on_policy_applied(version, document)
         log.info("policy version %d applied", version)
         return version
 
