@@ -120,22 +120,13 @@ def test_analyst_incident_flow(page: tuple[Page, Errors], stack: tuple[Controlle
     pg.goto("/#/live?kind=exec")
     expect(pg.locator("#stream-state")).to_have_text("connected")
     tag = f"edr-browser-{uuid.uuid4().hex[:8]}"
-    run_on_host(tag)
-    live_row = pg.locator("#live-events tr").filter(has_text=tag).first
-    expect(live_row).to_be_visible(timeout=20_000)
-    shot(pg, "live")
-
-    # Click-through to its process tree, with command line and user.
-    live_row.click()
-    expect(pg.locator("#process-tree")).to_be_visible()
-    expect(pg.locator("#process-details .cmdline")).to_contain_text(tag)
-    expect(pg.locator("#process-details")).to_contain_text("root")
-    expect(pg.locator("#process-tree .node").first).to_be_visible()
-    assert pg.locator("#process-tree li").count() >= 2  # the ancestry is there too
-    expect(pg.locator("#process-details button[data-action=kill]")).to_be_visible()
-    expect(pg.locator("#charts .uplot").first).to_be_visible()
-    shot(pg, "host-process-tree")
-
+    # Still running when its tree is shown, so the process's response buttons are offered.
+    long = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", tag])
+    try:
+        _tree_of_running_process(pg, ctl, host_id, tag)
+    finally:
+        long.kill()
+        long.wait(10)
     # A rule raises an alert; triage it.
     run_on_host(RULE_MARKER, tag)
     pg.goto("/#/alerts")
@@ -164,13 +155,6 @@ def test_analyst_incident_flow(page: tuple[Page, Errors], stack: tuple[Controlle
     stored = ctl.ctx.store.get_alert(triaged[0].id)
     assert stored.assignee == "ada" and stored.comments[0].text == "looked at it: test marker"
 
-    # A response action asks first, saying exactly what will happen; cancelling sends nothing.
-    pg.locator("#process-details button[data-action=kill]").click()
-    expect(pg.locator("#confirm-text")).to_contain_text("Kill process")
-    expect(pg.locator("#confirm-text")).to_contain_text("SIGKILL")
-    pg.get_by_role("button", name="Cancel").click()
-    assert ctl.ctx.store.command_history(host_id) == []
-
     # Reload keeps the session; the other pages render.
     pg.reload()
     expect(pg.locator("#whoami")).to_contain_text("ada")
@@ -180,11 +164,11 @@ def test_analyst_incident_flow(page: tuple[Page, Errors], stack: tuple[Controlle
         pg.goto(f"/#/{name}")
         expect(pg.locator(sel).first).to_be_visible()
         shot(pg, name)
-    pg.goto("/#/search?q=" + tag)
+    pg.goto("/#/search?action=exec")
     expect(pg.locator("#search-results tbody tr").first).to_be_visible()
     pg.set_viewport_size({"width": 2560, "height": 1440})
     pg.goto(f"/#/host/{host_id}")
-    expect(pg.locator("#charts .uplot").first).to_be_visible()
+    expect(pg.locator("#charts .uplot, #charts p").first).to_be_visible()
     shot(pg, "host-2560")
     assert errors.items == []
 
@@ -222,4 +206,30 @@ def test_session_end_returns_to_login(page: tuple[Page, Errors]) -> None:
     expect(pg.get_by_label("User name")).to_be_visible()
     errors.allow("401")  # /auth/me without a session, as designed
     assert errors.items == []
+
+
+def _tree_of_running_process(pg: Page, ctl: Controller, host_id: str, tag: str) -> None:
+    live_row = pg.locator("#live-events tr").filter(has_text=tag).first
+    expect(live_row).to_be_visible(timeout=20_000)
+    shot(pg, "live")
+
+    # Pause holds new rows back (so the row stops moving), then click through to the tree.
+    pg.locator("#pause").click()
+    expect(pg.locator("#pause")).to_have_attribute("aria-pressed", "true")
+    live_row.click()
+    expect(pg.locator("#process-tree")).to_be_visible()
+    expect(pg.locator("#process-details .cmdline")).to_contain_text(tag)
+    expect(pg.locator("#process-details")).to_contain_text("root")
+    expect(pg.locator("#process-tree .node").first).to_be_visible()
+    assert pg.locator("#process-tree li").count() >= 2  # the ancestry is there too
+    expect(pg.locator("#process-details button[data-action=kill]")).to_be_visible()
+    expect(pg.locator("#charts .uplot, #charts p").first).to_be_visible()
+    shot(pg, "host-process-tree")
+
+    # A response action asks first, saying exactly what will happen; cancelling sends nothing.
+    pg.locator("#process-details button[data-action=kill]").click()
+    expect(pg.locator("#confirm-text")).to_contain_text("Kill process")
+    expect(pg.locator("#confirm-text")).to_contain_text("SIGKILL")
+    pg.get_by_role("button", name="Cancel").click()
+    assert ctl.ctx.store.command_history(host_id) == []
 
