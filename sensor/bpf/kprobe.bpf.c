@@ -9,7 +9,33 @@
  * Caveats: reads kernel structs, so it is only correct with headers that match the running
  * kernel; the loader refuses the tier otherwise.
  */
+/* net/sock.h pulls in the kernel's linux/bpf.h, whose inline helpers take sizeof() of BPF
+ * object types (bpf_rb_root, bpf_rb_node, bpf_refcount, bpf_wq: kernels 6.3 to 6.10). BCC
+ * compiles against its own copy of uapi/linux/bpf.h, and older BCC releases (Debian 12 ships
+ * 0.26) lack them, so the 6.12 headers fail with "incomplete type". The kernel headers are
+ * pointed at private complete copies (layouts as in uapi/linux/bpf.h) under other names: no
+ * clash with a BCC that does define them, and nothing here uses them. */
+#define bpf_rb_root edr_compat_bpf_rb_root
+#define bpf_rb_node edr_compat_bpf_rb_node
+#define bpf_refcount edr_compat_bpf_refcount
+#define bpf_wq edr_compat_bpf_wq
+struct edr_compat_bpf_rb_root {
+    __u64 __opaque[2];
+} __attribute__((aligned(8)));
+struct edr_compat_bpf_rb_node {
+    __u64 __opaque[4];
+} __attribute__((aligned(8)));
+struct edr_compat_bpf_refcount {
+    __u32 __opaque[1];
+} __attribute__((aligned(4)));
+struct edr_compat_bpf_wq {
+    __u64 __opaque[2];
+} __attribute__((aligned(8)));
 #include <net/sock.h>
+#undef bpf_rb_root
+#undef bpf_rb_node
+#undef bpf_refcount
+#undef bpf_wq
 
 #define EDR_EXIT_STATUS 8 /* internal: code holds a raw wait status from do_exit */
 
