@@ -7,9 +7,14 @@ own task, off the ack path, so a slow rule set delays alerts, not acks; but when
 full ``commit_batch`` *waits*, so a stored event is never skipped by detection: a detection
 backlog slows the sensors down (they keep a small window of unacked batches) instead.
 
-Limitation: the detection queue is in memory. Batches committed but not yet evaluated when
-the process dies are stored but never evaluated; ``stop()`` drains the queue on a clean
-shutdown.
+The queue is in memory, but detection progress is durable: alerts are written in one
+transaction per round together with the store's detection watermark (the highest event id
+evaluated). On ``start()`` the worker first replays the stored events above the watermark, so
+batches committed but not evaluated before a crash are evaluated after the restart, and
+their alerts are raised once (a round's alerts and its watermark commit together).
+
+Detection and storage overlap: ``commit_batch`` stores in one worker thread while detection
+of earlier batches runs in another (sqlite3 and RE2 release the GIL).
 
 Host identity always comes from the certificate (the ``host_id`` argument), never from a
 message field. All methods run on the event loop; store calls go to threads because they block.
@@ -21,9 +26,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 from backplane.messages import Command, CommandResult, Heartbeat, Hello, Policy
@@ -34,6 +39,7 @@ from controller.live import LiveHub
 from controller.metrics import Metrics
 from controller.store import (
     Alert,
+    AlertDraft,
     CommandStatus,
     HostHello,
     InvalidTransition,
@@ -47,6 +53,12 @@ log = logging.getLogger(__name__)
 MAX_ANCESTRY = 32
 PROCESS_CACHE = 200_000  # recent processes per controller, for alert ancestry
 _MERGE_BATCHES = 32  # queued batches evaluated in one worker-thread call
+_REPLAY_CHUNK = 5_000  # stored events read per step when replaying after a restart
+_WATERMARK_EVERY = 1.0  # seconds between watermark-only commits (rounds without alerts)
+
+# One unit of detection work: host, the stored id of the first event (ids are consecutive
+# within a batch; 0 when unknown) and the events.
+_Work = tuple[str, int, list[dict[str, Any]]]
 
 
 def alert_item(alert: Alert) -> dict[str, Any]:
@@ -77,16 +89,6 @@ def _drop_counters(bpf: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
     return out
 
 
-def _ts(event: Mapping[str, Any]) -> float | None:
-    raw = event.get("@timestamp")
-    if not isinstance(raw, str):
-        return None
-    try:
-        return datetime.fromisoformat(raw).timestamp()
-    except ValueError:
-        return None
-
-
 class StoreHooks:
     """``backplane.server.ControllerHooks`` backed by a ``Store``.
 
@@ -109,7 +111,10 @@ class StoreHooks:
         self.pki = pki
         self.metrics = metrics or Metrics()
         self._queue_size = detection_queue
-        self._queue: asyncio.Queue[tuple[str, list[dict[str, Any]]]] | None = None
+        self._queue: asyncio.Queue[_Work] | None = None
+        self._pending_watermark = 0  # evaluated but not yet recorded in the store
+        self._watermark_at = 0.0
+        self.replayed = 0  # events re-evaluated from the store at start (after a crash)
         self._worker: asyncio.Task[None] | None = None
         # (host, entity_id) → process node; filled from exec/fork events by the detection
         # worker (one task: no lock needed), so an alert's ancestry does not wait for the
@@ -130,8 +135,16 @@ class StoreHooks:
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
         except TimeoutError:
-            log.error("detection: %d batches not evaluated at shutdown (stored, no alerts)",
-                      self._queue.qsize())
+            log.error("detection: %d batches not evaluated at shutdown (stored; evaluated "
+                      "at the next start)", self._queue.qsize())
+        if self._pending_watermark:
+            try:
+                await asyncio.to_thread(self.store.create_alerts, [],
+                                        evaluated_through=self._pending_watermark)
+                self._pending_watermark = 0
+            except StoreError:
+                log.exception("detection: watermark not saved (those events are evaluated "
+                              "again at the next start)")
         self._worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
@@ -159,10 +172,10 @@ class StoreHooks:
     async def commit_batch(
         self, host_id: str, seq: int, events: list[dict[str, Any]], dropped: int
     ) -> bool:
-        fresh = await asyncio.to_thread(self.store.ingest_batch, host_id, seq, events, dropped)
+        stored = await asyncio.to_thread(self.store.store_batch, host_id, seq, events, dropped)
         m = self.metrics
         m.batches += 1
-        if not fresh:
+        if stored is None:
             m.duplicates += 1
             return False
         m.events += len(events)
@@ -175,7 +188,7 @@ class StoreHooks:
         if self._queue is None:
             raise RuntimeError("StoreHooks.start() was not called")
         # Waits when detection is behind: the ack (and so the sensor) waits with it.
-        await self._queue.put((host_id, events))
+        await self._queue.put((host_id, stored.first_event_id, events))
         return True
 
     async def on_heartbeat(self, host_id: str, heartbeat: Heartbeat) -> None:
@@ -258,6 +271,7 @@ class StoreHooks:
     async def _detect_loop(self) -> None:
         assert self._queue is not None
         queue = self._queue
+        await self._replay()
         while True:
             work = [await queue.get()]
             while len(work) < _MERGE_BATCHES:
@@ -266,39 +280,91 @@ class StoreHooks:
                 except asyncio.QueueEmpty:
                     break
             try:
-                alerts = await asyncio.to_thread(self._evaluate, work)
-                for alert in alerts:
-                    self.metrics.alerts += 1
-                    self.metrics.rule_hit(alert.rule_id, alert.rule_name)
-                    self.live.publish("alert", alert_item(alert))
-            except Exception:  # a store hiccup must not stop detection for later batches
-                self.metrics.detection_errors += 1
-                log.exception("detection: failed on %d batches", len(work))
+                await self._run(work)
             finally:
                 for _ in work:
                     queue.task_done()
 
-    def _evaluate(self, work: list[tuple[str, list[dict[str, Any]]]]) -> list[Alert]:
-        """Match every event, remember processes, store an alert per match (worker thread)."""
+    async def _run(self, work: list[_Work]) -> None:
+        try:
+            alerts = await asyncio.to_thread(self._evaluate, work)
+        except Exception:  # a store hiccup must not stop detection for later batches
+            self.metrics.detection_errors += 1
+            log.exception("detection: failed on %d batches", len(work))
+            return
+        for alert in alerts:
+            self.metrics.alerts += 1
+            self.metrics.rule_hit(alert.rule_id, alert.rule_name)
+            self.live.publish("alert", alert_item(alert))
+
+    async def _replay(self) -> None:
+        """Evaluate stored events above the detection watermark (committed, then a crash)."""
+        try:
+            mark = await asyncio.to_thread(self.store.detection_watermark)
+            while True:
+                rows = await asyncio.to_thread(self.store.events_after, mark, _REPLAY_CHUNK)
+                if not rows:
+                    break
+                work: list[_Work] = []
+                for event_id, host_id, doc in rows:
+                    # Consecutive ids of one host form one unit, like a live batch.
+                    last = work[-1] if work else None
+                    if last is not None and last[0] == host_id and \
+                            last[1] + len(last[2]) == event_id:
+                        last[2].append(doc)
+                    else:
+                        work.append((host_id, event_id, [doc]))
+                await self._run(work)
+                self.replayed += len(rows)
+                mark = rows[-1][0]
+        except Exception:
+            self.metrics.detection_errors += 1
+            log.exception("detection: replay of unevaluated events failed")
+        if self.replayed:
+            log.warning("detection: re-evaluated %d stored events that were committed but not "
+                        "evaluated before the last stop", self.replayed)
+
+    def _evaluate(self, work: list[_Work]) -> list[Alert]:
+        """Match every event, remember processes, store the round's alerts and the detection
+        watermark in one transaction (worker thread)."""
         match = self.detection.match
         procs = self._procs
-        hits: list[tuple[str, Match]] = []
-        for host_id, events in work:
-            for ev in events:
+        drafts: list[AlertDraft] = []
+        through = 0
+        for host_id, first_id, events in work:
+            for i, ev in enumerate(events):
                 meta = ev.get("event")
                 action = meta.get("action") if isinstance(meta, dict) else None
                 if action == "exec" or action == "fork":
                     self._remember(procs, host_id, ev)
                 for m in match(ev):
-                    hits.append((host_id, m))
-        alerts: list[Alert] = []
-        for host_id, m in hits:
-            try:
-                alerts.append(self._store_alert(host_id, m))
-            except StoreError:
-                self.metrics.detection_errors += 1
-                log.exception("detection: alert for rule %s on host %s not stored",
-                              m.rule_id, host_id)
+                    drafts.append(self._draft(host_id, m, first_id + i if first_id else None))
+            if first_id and events:
+                through = max(through, first_id + len(events) - 1)
+        through = max(through, self._pending_watermark)
+        now = time.monotonic()
+        if not drafts and now - self._watermark_at < _WATERMARK_EVERY:
+            # Rounds without alerts only need the watermark eventually: re-evaluating them
+            # after a crash raises nothing, so it is written at most once a second.
+            self._pending_watermark = through
+            return []
+        try:
+            alerts = self.store.create_alerts(drafts, evaluated_through=through or None)
+        except StoreError:
+            if len(drafts) <= 1:
+                raise
+            # One bad alert (an event JSON cannot hold) must not take the others with it.
+            alerts = []
+            for d in drafts:
+                try:
+                    alerts += self.store.create_alerts([d])
+                except StoreError:
+                    self.metrics.detection_errors += 1
+                    log.exception("detection: alert for rule %s on host %s not stored",
+                                  d.rule_id, d.host_id)
+            self.store.create_alerts([], evaluated_through=through or None)
+        self._pending_watermark = 0
+        self._watermark_at = now
         return alerts
 
     @staticmethod
@@ -324,36 +390,16 @@ class StoreHooks:
         if len(procs) > PROCESS_CACHE:
             procs.popitem(last=False)
 
-    def _store_alert(self, host_id: str, m: Match) -> Alert:
-        ev = m.event
-        return self.store.create_alert(
+    def _draft(self, host_id: str, m: Match, event_id: int | None) -> AlertDraft:
+        return AlertDraft(
             rule_id=m.rule_id,
             rule_name=m.title,
             severity=m.level,
             host_id=host_id,
-            event=ev,
-            event_id=self._event_id(host_id, ev),
-            ancestry=self.ancestry(host_id, ev),
+            event=m.event,
+            event_id=event_id,
+            ancestry=self.ancestry(host_id, m.event),
         )
-
-    def _event_id(self, host_id: str, ev: Mapping[str, Any]) -> int | None:
-        """The stored id of a just-committed event (alerts are rare, so a lookup is fine)."""
-        ts = _ts(ev)
-        if ts is None:
-            return None
-        meta = ev.get("event")
-        action = meta.get("action") if isinstance(meta, Mapping) else None
-        try:
-            page = self.store.search_events(
-                host_id=host_id, since=ts - 0.001, until=ts + 0.001,
-                action=action if isinstance(action, str) and action else None, limit=50,
-            )
-        except StoreError:
-            return None
-        for stored in page.events:
-            if stored.event == ev:
-                return stored.id
-        return None
 
     def ancestry(self, host_id: str, ev: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The event's process ancestors, nearest first: recent processes seen by this

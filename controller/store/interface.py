@@ -123,6 +123,29 @@ class Role(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """Where a committed batch landed: its events have ids ``first_event_id`` onwards,
+    one per event in batch order (``count`` of them)."""
+
+    batch_id: int
+    first_event_id: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class AlertDraft:
+    """One alert to create with ``create_alerts`` (the arguments of ``create_alert``)."""
+
+    rule_id: str
+    rule_name: str
+    severity: Severity | str
+    host_id: str
+    event: Mapping[str, Any]
+    event_id: int | None = None
+    ancestry: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class StoredEvent:
     id: int
     host_id: str
@@ -319,6 +342,23 @@ class Store(Protocol):
         """Store one batch atomically; ``False`` (and nothing written) for a duplicate."""
         ...
 
+    def store_batch(
+        self, host_id: str, seq: int, events: Sequence[Mapping[str, Any]], dropped: int = 0
+    ) -> StoredBatch | None:
+        """``ingest_batch`` that says where the events landed; ``None`` for a duplicate."""
+        ...
+
+    def detection_watermark(self) -> int:
+        """The highest event id detection has evaluated (see ``create_alerts``)."""
+        ...
+
+    def events_after(
+        self, event_id: int, limit: int = 10_000
+    ) -> list[tuple[int, str, dict[str, Any]]]:
+        """Up to ``limit`` stored events with ids above ``event_id``, oldest first, as
+        ``(id, host_id, document)``: what detection replays after a restart."""
+        ...
+
     def index_pending(self, max_rows: int = 20_000) -> int:
         """Index up to ``max_rows`` not-yet-searchable events for full text; returns how many."""
         ...
@@ -444,6 +484,18 @@ class Store(Protocol):
         ancestry: Sequence[Mapping[str, Any]] = (),
         now: float | None = None,
     ) -> Alert: ...
+
+    def create_alerts(
+        self,
+        drafts: Sequence[AlertDraft],
+        *,
+        evaluated_through: int | None = None,
+        now: float | None = None,
+    ) -> list[Alert]:
+        """Create every alert in one transaction and, in the same transaction, raise the
+        detection watermark to ``evaluated_through`` (never lowers it). All or nothing:
+        one invalid draft raises ``InvalidInput`` and writes nothing."""
+        ...
 
     def get_alert(self, alert_id: int) -> Alert: ...
 

@@ -224,9 +224,19 @@ _SESSIONS = (
     "CREATE INDEX sessions_expires ON sessions (expires_at)",
 )
 
+# Detection watermark: the highest event id that detection has evaluated. Alerts and the
+# watermark move in one transaction, so after a crash the controller re-evaluates exactly the
+# events above it. A store that predates it starts with everything counted as evaluated
+# (re-alerting a whole history on upgrade would flood the analysts).
+_DETECTION = (
+    "INSERT INTO store_state (key, value)"
+    " VALUES ('detect_watermark', (SELECT coalesce(max(id), 0) FROM events))",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "login sessions", _SESSIONS),
+    Migration(3, "detection watermark", _DETECTION),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

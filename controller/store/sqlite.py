@@ -41,6 +41,7 @@ from controller.store.interface import (
     COMMAND_TRANSITIONS,
     Alert,
     AlertComment,
+    AlertDraft,
     AlertStatus,
     ApiToken,
     AuditEntry,
@@ -62,6 +63,7 @@ from controller.store.interface import (
     SchemaTooNew,
     Session,
     Severity,
+    StoredBatch,
     StoredEvent,
     StoreError,
     User,
@@ -587,10 +589,17 @@ class SQLiteStore:
     def ingest_batch(
         self, host_id: str, seq: int, events: Sequence[Mapping[str, Any]], dropped: int = 0
     ) -> bool:
+        """Store one batch; see ``store_batch``. ``True`` when stored, ``False`` for a
+        duplicate."""
+        return self.store_batch(host_id, seq, events, dropped) is not None
+
+    def store_batch(
+        self, host_id: str, seq: int, events: Sequence[Mapping[str, Any]], dropped: int = 0
+    ) -> StoredBatch | None:
         """Store one batch from ``host_id`` in one transaction.
 
-        Returns ``True`` when stored, ``False`` when ``(host_id, seq)`` was already stored (then
-        nothing is written: each batch is in the store exactly once). The call returns only
+        Returns where the batch landed, or ``None`` when ``(host_id, seq)`` was already stored
+        (then nothing is written: each batch is in the store exactly once). The call returns only
         after the commit, so the caller may ack as soon as it returns.
 
         Events keep their full document. Field-level oddities never lose an event: a missing or
@@ -659,9 +668,12 @@ class SQLiteStore:
                 (host_id, seq, received, len(rows), dropped, untimed),
             )
             if cur.rowcount == 0:
-                return False
+                return None
             batch_id = cur.lastrowid
+            assert batch_id is not None
             c.executemany(_INSERT_EVENT, [(batch_id, *r) for r in rows])
+            # One writer inserting in one transaction: the AUTOINCREMENT ids are consecutive.
+            last = c.execute("SELECT last_insert_rowid()").fetchone()[0] if rows else 0
             c.execute(
                 "UPDATE store_state SET value = value + ? WHERE key = 'event_bytes'", (total,)
             )
@@ -670,7 +682,26 @@ class SQLiteStore:
                     "UPDATE hosts SET events_dropped = events_dropped + ? WHERE host_id = ?",
                     (dropped, host_id),
                 )
-        return True
+        return StoredBatch(batch_id, last - len(rows) + 1 if rows else 0, len(rows))
+
+    def detection_watermark(self) -> int:
+        with self._reading() as c:
+            row = c.execute(
+                "SELECT value FROM store_state WHERE key = 'detect_watermark'"
+            ).fetchone()
+        return int(row[0])
+
+    def events_after(
+        self, event_id: int, limit: int = 10_000
+    ) -> list[tuple[int, str, dict[str, Any]]]:
+        _check_id(event_id, "event_id")
+        limit = _check_limit(limit, 1_000_000)
+        with self._reading() as c:
+            rows = c.execute(
+                "SELECT id, host_id, doc FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                (event_id, limit),
+            ).fetchall()
+        return [(int(i), str(h), orjson.loads(doc)) for i, h, doc in rows]
 
     def index_pending(self, max_rows: int = 20_000) -> int:
         """Make up to ``max_rows`` newly ingested events searchable by full text and fold
@@ -1323,37 +1354,75 @@ class SQLiteStore:
         ancestry: Sequence[Mapping[str, Any]] = (),
         now: float | None = None,
     ) -> Alert:
-        _check_name(rule_id, "rule_id")
-        _check_name(rule_name, "rule_name", 1024)
-        sev = _enum(Severity, severity)
-        _check_name(host_id, "host_id")
-        if not isinstance(event, Mapping):
+        draft = AlertDraft(rule_id, rule_name, severity, host_id, event, event_id, ancestry)
+        return self.create_alerts([draft], now=now)[0]
+
+    @staticmethod
+    def _alert_row(d: AlertDraft, now: float) -> tuple[Any, ...]:
+        if not isinstance(d, AlertDraft):
+            raise InvalidInput("alerts must be AlertDraft records")
+        _check_name(d.rule_id, "rule_id")
+        _check_name(d.rule_name, "rule_name", 1024)
+        sev = _enum(Severity, d.severity)
+        _check_name(d.host_id, "host_id")
+        if not isinstance(d.event, Mapping):
             raise InvalidInput("event must be a mapping")
-        if event_id is not None:
-            _check_id(event_id, "event_id")
+        if d.event_id is not None:
+            _check_id(d.event_id, "event_id")
+        ancestry = d.ancestry
         if isinstance(ancestry, str | bytes) or not all(isinstance(a, Mapping) for a in ancestry):
             raise InvalidInput("ancestry must be a list of mappings")
-        event_doc = _dumps(dict(event), "event")
-        ancestry_doc = _dumps([dict(a) for a in ancestry], "ancestry")
+        return (
+            now,
+            now,
+            d.rule_id,
+            d.rule_name,
+            sev.value,
+            d.host_id,
+            d.event_id,
+            _dumps(dict(d.event), "event"),
+            _dumps([dict(a) for a in ancestry], "ancestry"),
+        )
+
+    def create_alerts(
+        self,
+        drafts: Sequence[AlertDraft],
+        *,
+        evaluated_through: int | None = None,
+        now: float | None = None,
+    ) -> list[Alert]:
+        if isinstance(drafts, str | bytes | Mapping) or not isinstance(drafts, Sequence):
+            raise InvalidInput("alerts must be a list of AlertDraft records")
+        if evaluated_through is not None:
+            _check_id(evaluated_through, "evaluated_through")
         now = self._now(now)
+        rows = [self._alert_row(d, now) for d in drafts]  # validate all before writing any
+        if not rows and evaluated_through is None:
+            return []
         with self._write() as c:
-            cur = c.execute(
-                "INSERT INTO alerts (created_at, updated_at, rule_id, rule_name, severity,"
-                " host_id, event_id, event, ancestry, status)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'new')",
-                (
-                    now,
-                    now,
-                    rule_id,
-                    rule_name,
-                    sev.value,
-                    host_id,
-                    event_id,
-                    event_doc,
-                    ancestry_doc,
-                ),
-            )
-            return self._alert(c, cur.lastrowid)
+            first = None
+            for row in rows:
+                cur = c.execute(
+                    "INSERT INTO alerts (created_at, updated_at, rule_id, rule_name, severity,"
+                    " host_id, event_id, event, ancestry, status)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'new')",
+                    row,
+                )
+                first = cur.lastrowid if first is None else first
+            if evaluated_through is not None:
+                c.execute(
+                    "UPDATE store_state SET value = max(value, ?) WHERE key = 'detect_watermark'",
+                    (evaluated_through,),
+                )
+            if first is None:
+                return []
+            # New alerts have no comments yet: one query reads them all back.
+            return [
+                _alert(r, [])
+                for r in c.execute(
+                    f"SELECT {_ALERT_COLS} FROM alerts WHERE id >= ? ORDER BY id", (first,)
+                )
+            ]
 
     def _alert(self, c: sqlite3.Connection, alert_id: int | None) -> Alert:
         row = c.execute(f"SELECT {_ALERT_COLS} FROM alerts WHERE id = ?", (alert_id,)).fetchone()
