@@ -44,6 +44,10 @@ class ProcessInfo:
     container_id: str | None = None
     sha256: str | None = None
     exit_code: int | None = None
+    # ECS fragment built by ProcessTable.ecs and the state it was built from; see there
+    ecs_cache: tuple[tuple[Any, ...], dict[str, Any]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def name(self) -> str:
@@ -176,18 +180,24 @@ class ProcessTable:
             if gid is not None:
                 info.gid = gid
             info.sha256 = None
+            info.ecs_cache = None  # args, ids and credentials change without the key seeing it
             if refresh or info.cwd is None:
                 cwd = procfs.link(pid, "cwd")
                 if cwd is not None:
                     info.cwd = cwd
-            if info.loginuid is None:
-                info.loginuid = procfs.loginuid(pid)
+            alive = True
             if refresh or cgroup_id is None or not self._cgroup_ids_usable:
-                cid = procfs.container_id(pid)
+                text = procfs.cgroups(pid)
+                # root can always read /proc/<pid>/cgroup: no text means the process is gone
+                # (an exec storm's children mostly are by now), so skip the loginuid read too
+                alive = text is not None
+                cid = procfs.container_id_in(text) if text is not None else None
                 if cid is not None:
                     info.container_id = cid
             else:
                 info.container_id = self._container_for(cgroup_id, pid, info.container_id)
+            if info.loginuid is None and alive:
+                info.loginuid = procfs.loginuid(pid)
             self._live[pid] = info
             return info
 
@@ -284,7 +294,44 @@ class ProcessTable:
     # -- ECS --------------------------------------------------------------------------------
 
     def ecs(self, info: ProcessInfo) -> dict[str, Any]:
-        """``process``, ``user``, ``group`` and ``container`` fields for an event."""
+        """``process``, ``user``, ``group`` and ``container`` fields for an event.
+
+        The fragment is built once per process state and reused (an exec storm's exit event
+        repeats its exec event's fields): it is cached on the ``ProcessInfo`` under a key of
+        the fields that change outside ``exec`` (which clears the cache) and the parent's.
+        Each call returns fresh ``process`` and ``process.parent`` dicts, which consumers
+        extend (``hash``, ``thread``); ``user``, ``group`` and ``container`` are shared
+        between the events of one process and must be treated as read-only.
+        """
+        parent = self.get(info.ppid) if info.ppid else None
+        key = (
+            info.executable,
+            info.comm,
+            info.cwd,
+            info.ppid,
+            info.container_id,
+            parent,
+            None if parent is None else parent.executable,
+            None if parent is None else parent.args,
+            None if parent is None else parent.comm,
+        )
+        # tuple == checks identity first, so an unchanged state costs no field comparisons
+        cached = info.ecs_cache
+        if cached is None or cached[0] != key:
+            cached = (key, self._build_ecs(info, parent))
+            info.ecs_cache = cached
+        fields = dict(cached[1])
+        proc = fields["process"] = dict(fields["process"])
+        proc["parent"] = dict(proc["parent"])
+        # these two change after the fragment is built (the writer learns the hash, exit
+        # sets the code) and are added per call instead of invalidating it
+        if info.sha256:
+            proc["hash"] = {"sha256": info.sha256}
+        if info.exit_code is not None:
+            proc["exit_code"] = info.exit_code
+        return fields
+
+    def _build_ecs(self, info: ProcessInfo, parent: ProcessInfo | None) -> dict[str, Any]:
         proc: dict[str, Any] = {"pid": info.pid, "entity_id": info.entity_id, "name": info.name}
         if info.executable:
             proc["executable"] = info.executable
@@ -299,18 +346,15 @@ class ProcessTable:
         if info.start_ticks:
             start_ns = self.boot_epoch_ns + info.start_ticks * 1_000_000_000 // procfs.CLK_TCK
             proc["start"] = iso_timestamp(start_ns)
-        if info.sha256:
-            proc["hash"] = {"sha256": info.sha256}
-        if info.exit_code is not None:
-            proc["exit_code"] = info.exit_code
-        parent = self.get(info.ppid) if info.ppid else None
-        proc["parent"] = {"pid": info.ppid}
+        pfields: dict[str, Any] = {"pid": info.ppid}
         if parent is not None:
-            proc["parent"].update(entity_id=parent.entity_id, name=parent.name)
+            pfields["entity_id"] = parent.entity_id
+            pfields["name"] = parent.name
             if parent.executable:
-                proc["parent"]["executable"] = parent.executable
+                pfields["executable"] = parent.executable
             if parent.args:
-                proc["parent"]["command_line"] = parent.command_line
+                pfields["command_line"] = parent.command_line
+        proc["parent"] = pfields
         fields: dict[str, Any] = {"process": proc}
         if info.uid is not None:
             user: dict[str, Any] = {"id": str(info.uid)}
