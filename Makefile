@@ -29,7 +29,13 @@ bench: ## the benchmarks (root, takes minutes)
 vm-test: ## kprobe and tracepoint tiers in QEMU/KVM on Debian 6.1 and 6.12 kernels (root)
 	$(VENV)/python tests/vm/harness.py
 
+install: ## install sensor and controller as systemd services under /opt/edr (root)
+	scripts/install.sh $(INSTALL_ARGS)
+
+uninstall: ## remove the services, /opt/edr and the nftables table; PURGE=1 also config and state
+	scripts/uninstall.sh $(if $(PURGE),--purge)
+
 probe: ## which capture tiers work on this machine
 	$(VENV)/edr-sensor probe
 
-.PHONY: help setup run test lint fmt bench probe vm-test
+.PHONY: help setup run test lint fmt bench install uninstall probe vm-test
