@@ -176,3 +176,57 @@ def test_reads_do_not_take_the_lock() -> None:
     with table._lock:  # a writer holding the lock does not stall readers
         assert table.get(os.getpid()) is not None
         assert table.lookup(os.getpid()).pid == os.getpid()
+
+
+def test_ecs_fragment_is_reused_but_follows_every_change() -> None:
+    """The cached ECS fragment must never show stale state or leak one event's edits."""
+    table = ProcessTable("host-1")
+    parent = table.fork(0, 4_000_001, 10)
+    table.exec(4_000_001, executable="/usr/bin/bash", args=["bash"], uid=0, gid=0, refresh=False)
+    child = table.fork(4_000_001, 4_000_002, 11)
+    table.exec(
+        4_000_002, executable="/usr/bin/true", args=["true", "x"], uid=0, gid=0, refresh=False
+    )
+    first = table.ecs(child)
+    assert first["process"]["command_line"] == "true x"
+    assert first["process"]["parent"]["executable"] == "/usr/bin/bash"
+    # consumers extend the dicts they get: that must not reach the next event
+    first["process"]["thread"] = {"id": 1}
+    first["process"]["parent"]["extra"] = True
+    second = table.ecs(child)
+    assert "thread" not in second["process"] and "extra" not in second["process"]["parent"]
+    assert second["process"]["entity_id"] == first["process"]["entity_id"]
+    # what changes outside exec: cwd, the hash, the exit code, the parent's image
+    table.chdir(4_000_002, "/tmp")
+    assert table.ecs(child)["process"]["working_directory"] == "/tmp"
+    child.sha256 = "ab" * 32
+    assert table.ecs(child)["process"]["hash"] == {"sha256": "ab" * 32}
+    table.exec(4_000_001, executable="/usr/bin/python3", args=["python3"], refresh=False)
+    assert parent.executable == "/usr/bin/python3"
+    assert table.ecs(child)["process"]["parent"]["executable"] == "/usr/bin/python3"
+    assert table.ecs(child)["process"]["parent"]["command_line"] == "python3"
+    gone = table.exit(4_000_002, exit_code=3)
+    fields = table.ecs(gone)
+    assert fields["process"]["exit_code"] == 3
+    assert fields["process"]["hash"] == {"sha256": "ab" * 32}
+    # a new image clears the fragment: argv and ids come from the exec
+    again = table.fork(4_000_001, 4_000_003, 12)
+    assert table.ecs(again)["process"]["command_line"] == "python3"
+    table.exec(4_000_003, executable="/usr/bin/id", args=["id"], uid=1000, gid=1000, refresh=False)
+    fields = table.ecs(again)
+    assert fields["process"]["command_line"] == "id"
+    assert fields["user"]["id"] == "1000" and fields["group"] == {"id": "1000"}
+    assert "exit_code" not in fields["process"]
+
+
+def test_exec_of_a_gone_process_reads_nothing_more_and_keeps_inherited_context() -> None:
+    table = ProcessTable("host-1")
+    parent = table.fork(0, 4_000_010, 10)
+    parent.uid, parent.loginuid, parent.container_id = 0, 1000, "c" * 64
+    table.fork(4_000_010, 4_000_011, 11)
+    info = table.exec(4_000_011, executable="/usr/bin/true", args=["true"], refresh=False)
+    # the pid does not exist: nothing read from /proc overwrote what was inherited
+    assert info.loginuid == 1000 and info.container_id == "c" * 64
+    fields = table.ecs(info)
+    assert fields["user"]["audit"] == {"id": "1000"}
+    assert fields["container"] == {"id": "c" * 64}
