@@ -115,6 +115,7 @@ class StoreHooks:
         self._pending_watermark = 0  # evaluated but not yet recorded in the store
         self._watermark_at = 0.0
         self.replayed = 0  # events re-evaluated from the store at start (after a crash)
+        self._replay_done: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         # (host, entity_id) → process node; filled from exec/fork events by the detection
         # worker (one task: no lock needed), so an alert's ancestry does not wait for the
@@ -126,6 +127,7 @@ class StoreHooks:
         if self._worker is not None:
             return
         self._queue = asyncio.Queue(self._queue_size)
+        self._replay_done = asyncio.Event()
         self._worker = asyncio.create_task(self._detect_loop(), name="edr-detection")
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -155,7 +157,10 @@ class StoreHooks:
         return 0 if self._queue is None else self._queue.qsize()
 
     async def drained(self) -> None:
-        """Wait until every committed batch went through detection (tests, benchmark)."""
+        """Wait until every committed batch went through detection (tests, benchmark),
+        including the replay of events left unevaluated by an earlier run."""
+        if self._replay_done is not None:
+            await self._replay_done.wait()
         if self._queue is not None:
             await self._queue.join()
 
@@ -320,6 +325,8 @@ class StoreHooks:
         except Exception:
             self.metrics.detection_errors += 1
             log.exception("detection: replay of unevaluated events failed")
+        if self._replay_done is not None:
+            self._replay_done.set()
         if self.replayed:
             log.warning("detection: re-evaluated %d stored events that were committed but not "
                         "evaluated before the last stop", self.replayed)
