@@ -38,7 +38,7 @@ rm -rf "$cache/wheels" && mv "$cache/wheels.tmp" "$cache/wheels"
 
 root="$cache/rootfs.tmp"
 cleanup() {
-    for m in proc sys dev/pts dev opt/wheels; do
+    for m in proc sys dev/pts dev var/cache/apt/archives; do
         mountpoint -q "$root/$m" 2>/dev/null && umount -l "$root/$m" || true
     done
 }
@@ -65,6 +65,9 @@ mount --bind /dev "$root/dev"
 mount --bind /dev/pts "$root/dev/pts"
 
 in_root() { chroot "$root" env DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 "$@"; }
+# downloaded .debs are kept in the cache (bind-mounted) so that a rebuild fetches nothing twice
+mkdir -p "$cache/apt-archives/partial"
+mount --bind "$cache/apt-archives" "$root/var/cache/apt/archives"
 in_root apt-get update -qq
 # The backports kernel is named by version, found through its metapackage's dependency.
 bp_image=$(in_root apt-cache depends linux-image-amd64/bookworm-backports | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
@@ -76,7 +79,6 @@ in_root apt-get install -y -qq --no-install-recommends \
     initramfs-tools kmod udev python3 python3-venv python3-pip python3-bpfcc bpfcc-tools \
     nftables iproute2 util-linux ca-certificates procps >"$cache/apt.log" 2>&1 \
     || { tail -30 "$cache/apt.log" >&2; exit 1; }
-in_root apt-get clean
 
 # The project's venv, laid out as scripts/setup.sh makes it (the guest re-runs setup.sh, which
 # then finds everything in place); the repo itself is copied in fresh at every boot.
@@ -112,7 +114,8 @@ rm -rf "$cache/boot" && mkdir -p "$cache/boot"
 for k in "$root"/boot/vmlinuz-*; do
     rel=${k#"$root"/boot/vmlinuz-}
     [ -f "$root/boot/initrd.img-$rel" ] || { echo "vm-image: no initrd for $rel" >&2; exit 1; }
-    [ -d "$root/lib/modules/$rel/build/include" ] || { echo "vm-image: no headers for $rel" >&2; exit 1; }
+    # build/ is an absolute link into the guest's /usr/src: check its target inside the root
+    [ -f "$root/usr/src/linux-headers-$rel/include/generated/utsrelease.h" ] || { echo "vm-image: no headers for $rel" >&2; exit 1; }
     cp "$k" "$root/boot/initrd.img-$rel" "$cache/boot/"
     echo "$rel" >>"$cache/kernels.txt.tmp"
 done
