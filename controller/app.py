@@ -34,6 +34,7 @@ from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
 from backplane.server import BackplaneServer, ServerConfig
+from backplane.systemd import notify
 from certs.store import PKIStore
 from controller import auth, enroll_api, metrics
 from controller.config import ControllerConfig
@@ -65,8 +66,11 @@ def ensure_pki(config: ControllerConfig, pki: PKIStore | None = None) -> PKIStor
     """The PKI in ``<state>/pki``, created (CA, server certificate, CRL) if missing."""
     pki = pki or PKIStore(config.pki_dir)
     if not pki.initialized:
-        log.warning("no PKI in %s: creating a CA and a server certificate for %s",
-                    config.pki_dir, ", ".join(config.server_names))
+        log.warning(
+            "no PKI in %s: creating a CA and a server certificate for %s",
+            config.pki_dir,
+            ", ".join(config.server_names),
+        )
         pki.init(list(config.server_names))
     return pki
 
@@ -107,6 +111,14 @@ def create_app(config: ControllerConfig, *, intervals: Intervals | None = None) 
     async def startup(app: Sanic, _loop: Any = None) -> None:
         await _start(app, config, intervals)
 
+    @app.after_server_start
+    async def ready(app: Sanic, _loop: Any = None) -> None:
+        notify("READY=1", "STATUS=serving")  # Type=notify: up only once it listens
+
+    @app.before_server_stop
+    async def stopping(app: Sanic, _loop: Any = None) -> None:
+        notify("STOPPING=1")
+
     @app.after_server_stop
     async def shutdown(app: Sanic, _loop: Any = None) -> None:
         await _stop(app)
@@ -144,25 +156,39 @@ async def _start(app: Sanic, config: ControllerConfig, intervals: Intervals | No
     ctx.detection = DetectionEngine()
     report = await asyncio.to_thread(ctx.detection.load, list(config.rule_dirs))
     ctx.rules_report = report  # the engine logged the summary and each problem
-    ctx.hooks = StoreHooks(ctx.store, ctx.detection, ctx.live, pki=ctx.pki, metrics=ctx.metrics,
-                           detection_queue=config.detection_queue)
+    ctx.hooks = StoreHooks(
+        ctx.store,
+        ctx.detection,
+        ctx.live,
+        pki=ctx.pki,
+        metrics=ctx.metrics,
+        detection_queue=config.detection_queue,
+    )
     await ctx.hooks.start()
     pki: PKIStore = ctx.pki
     ctx.backplane = BackplaneServer(
-        ServerConfig(config.backplane, pki.ca_path, pki.server_cert_path, pki.server_key_path,
-                     pki.crl_path),
+        ServerConfig(
+            config.backplane, pki.ca_path, pki.server_cert_path, pki.server_key_path, pki.crl_path
+        ),
         ctx.hooks,
     )
     ctx.backplane_endpoint = await ctx.backplane.start()
     ctx.maintenance = Maintenance(
-        ctx.store, live=ctx.live, pki=pki, backplane=ctx.backplane,
+        ctx.store,
+        live=ctx.live,
+        pki=pki,
+        backplane=ctx.backplane,
         retention_max_age=config.retention_max_age,
-        retention_max_bytes=config.retention_max_bytes, intervals=intervals,
+        retention_max_bytes=config.retention_max_bytes,
+        intervals=intervals,
     )
     ctx.maintenance.start()
     if not await asyncio.to_thread(ctx.store.list_users):
-        log.warning("no users yet: create one with "
-                    "'edr-controller user add NAME --role admin --state-dir %s'", config.state_dir)
+        log.warning(
+            "no users yet: create one with "
+            "'edr-controller user add NAME --role admin --state-dir %s'",
+            config.state_dir,
+        )
 
 
 async def _stop(app: Sanic) -> None:
@@ -179,6 +205,7 @@ async def _stop(app: Sanic) -> None:
 
 
 # -- the live stream ------------------------------------------------------------------------
+
 
 async def authenticate_stream(request: Request) -> HTTPResponse | None:
     """Authenticate a stream request before the websocket upgrade; a response refuses it.
@@ -213,8 +240,9 @@ def _stream_blueprint() -> Blueprint:
         ``text`` query parameters (comma-separated lists)."""
         args = request.args
         try:
-            flt = StreamFilter.parse(args.get("host"), args.get("kind"), args.get("severity"),
-                                     args.get("text"))
+            flt = StreamFilter.parse(
+                args.get("host"), args.get("kind"), args.get("severity"), args.get("text")
+            )
         except FilterError as e:
             await ws.send(orjson.dumps({"kind": "error", "error": str(e)}).decode())
             await ws.close(1008, "bad filter")
@@ -227,9 +255,19 @@ def _stream_blueprint() -> Blueprint:
             await ws.close(1013, "try again later")
             return
         with sub:
-            await ws.send(orjson.dumps({"kind": "hello", "filter": {
-                "host": sorted(flt.hosts or ()), "kind": sorted(flt.kinds or ()),
-                "severity": args.get("severity"), "text": flt.text}}).decode())
+            await ws.send(
+                orjson.dumps(
+                    {
+                        "kind": "hello",
+                        "filter": {
+                            "host": sorted(flt.hosts or ()),
+                            "kind": sorted(flt.kinds or ()),
+                            "severity": args.get("severity"),
+                            "text": flt.text,
+                        },
+                    }
+                ).decode()
+            )
             while True:
                 msg = await sub.next()
                 await ws.send(orjson.dumps(msg, default=str).decode())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from backplane.schema import Family, Tier
+from backplane.systemd import notify
 from sensor import __version__
 from sensor.capture import CaptureContext, Source
 from sensor.config import MODES, ConfigError, SensorConfig, load
@@ -203,18 +204,19 @@ def _open_output(target: str) -> NdjsonSink:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
+    controller = args.controller or config.controller  # flag, else TOML / EDR_SENSOR_CONTROLLER
     host = host_fields(config.state_dir)
     selection_box: dict[Family, Tier] = {}
     runner_box: list[CaptureRunner] = []
     uplink: Uplink | None = None
     sinks: list[Sink] = []
     table = ProcessTable(host["id"])
-    responder, enforcer = _response(config.state_dir, host, table, args.controller)
-    if args.controller:
+    responder, enforcer = _response(config.state_dir, host, table, controller)
+    if controller:
         try:
             uplink = Uplink(
                 config.state_dir,
-                args.controller,
+                controller,
                 host,
                 tiers=lambda: {f.value: t.value for f, t in selection_box.items()},
                 counters=lambda: runner_box[0].counters() if runner_box else {},
@@ -269,6 +271,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ", ".join(f"{f.value}={t.value}" for f, t in sorted(selection.tiers.items())),
         seeded,
     )
+    notify("READY=1", "STATUS=capturing")
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -295,6 +298,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 next_stats = now + args.stats_interval
                 _print_stats(_stats(selection.tiers, runner, pipeline, started))
     finally:
+        notify("STOPPING=1")
         runner.stop()
         pipeline.close()
         if responder is not None:
