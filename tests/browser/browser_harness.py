@@ -10,6 +10,7 @@ Also runnable as a script to get a console to look at by hand::
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import socket
@@ -66,16 +67,42 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, step: float = 0
         time.sleep(step)
 
 
-class Controller:
-    """``create_app`` served over HTTPS on 127.0.0.1:<free port>, on its own loop thread."""
+CLONE_NEWNET = 0x40000000
 
-    def __init__(self, state: Path) -> None:
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread (only: network namespaces are per thread) into ``name``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into network namespace {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class Controller:
+    """``create_app`` served over HTTPS on 127.0.0.1:<free port>, on its own loop thread.
+
+    Args:
+        state: directory for the controller's state and the test rule.
+        backplane_host: the address the backplane binds (a free port is picked).
+        netns: run the loop thread in this network namespace, so the backplane listens there
+            while the console's HTTPS socket (made here, before the thread starts) stays on the
+            machine's loopback where the browser is.
+    """
+
+    def __init__(self, state: Path, backplane_host: str = "127.0.0.1",
+                 netns: str | None = None) -> None:
         rules = state / "rules"
         rules.mkdir(parents=True, exist_ok=True)
         (rules / "browser_test_marker.yml").write_text(TEST_RULE)
+        self.backplane_host = backplane_host
         self.config = ControllerConfig(
-            state_dir=state / "controller", backplane="tcp://127.0.0.1:0",
-            http_host="127.0.0.1", http_port=0, server_names=("localhost", "127.0.0.1"),
+            state_dir=state / "controller", backplane=f"tcp://{backplane_host}:0",
+            http_host="127.0.0.1", http_port=0,
+            server_names=tuple(dict.fromkeys(("localhost", "127.0.0.1", backplane_host))),
             rule_dirs=(rules,),
         )
         self.pki = ensure_pki(self.config)
@@ -87,11 +114,23 @@ class Controller:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        entered: Future[None] = Future()
+        self.thread = threading.Thread(target=self._run_loop, args=(netns, entered), daemon=True)
         self.thread.start()
+        entered.result(10)
         self.server = self.call(self._start())
         for name, role in USERS.items():
             self.ctx.store.create_user(name, FAST_HASHER.hash(PASSWORD), role)
+
+    def _run_loop(self, netns: str | None, entered: Future[None]) -> None:
+        try:
+            if netns is not None:
+                enter_netns(netns)
+        except OSError as exc:
+            entered.set_exception(exc)
+            return
+        entered.set_result(None)
+        self.loop.run_forever()
 
     async def _start(self) -> Any:
         server = await self.app.create_server(
@@ -129,6 +168,12 @@ class Controller:
     def backplane_port(self) -> int:
         return int(str(self.ctx.backplane_endpoint).rsplit(":", 1)[1])
 
+    @property
+    def backplane_address(self) -> str:
+        """What a sensor's ``--controller`` names (the certificate carries the name)."""
+        host = "localhost" if self.backplane_host == "127.0.0.1" else self.backplane_host
+        return f"{host}:{self.backplane_port}"
+
     def close(self) -> None:
         try:
             self.call(self._stop())
@@ -142,7 +187,8 @@ class Controller:
 class SensorProcess:
     """The real sensor, enrolled offline (what ``edr-certs issue`` leaves), in the fallback tier."""
 
-    def __init__(self, ctl: Controller, state: Path, hostname: str = "browser-host") -> None:
+    def __init__(self, ctl: Controller, state: Path, hostname: str = "browser-host",
+                 netns: str | None = None) -> None:
         self.host_id, cert, key = ctl.pki.issue_offline(hostname)
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         key_path = state / "sensor.key"
@@ -152,11 +198,13 @@ class SensorProcess:
         (state / "ca.pem").write_bytes(ctl.pki.ca_path.read_bytes())
         (state / "host_id").write_text(self.host_id + "\n")
         self.log = state / "sensor.log"
+        # `ip netns exec` execs the sensor itself, so the pid (and SIGINT) are the sensor's.
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sensor.cli", "run", "--mode", "fallback",
+                [*prefix, sys.executable, "-m", "sensor.cli", "run", "--mode", "fallback",
                  "--families", "process", "--state-dir", str(state),
-                 "--stats-interval", "0", "--controller", f"localhost:{ctl.backplane_port}"],
+                 "--stats-interval", "0", "--controller", ctl.backplane_address],
                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
             )
         wait_for(lambda: "capturing " in self.log.read_text() or self.proc.poll() is not None,

@@ -1,8 +1,7 @@
 """The analyst console in headless Debian Chromium (Playwright) against a real controller over
 HTTPS and the real sensor (fallback tier) streaming over the mutual-TLS backplane.
 
-Not covered yet: killing a held process and isolate/unisolate, because the sensor's response
-actions (issue 5) have not landed; the console's buttons queue those commands for real.
+Killing a held process and isolate/unisolate are in ``test_response.py``.
 """
 
 from __future__ import annotations
@@ -11,18 +10,13 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from browser_harness import PASSWORD, RULE_MARKER, Controller, SensorProcess
+from browser_harness import RULE_MARKER, Controller, SensorProcess
 
-playwright_sync = pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, Page, expect  # noqa: E402
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
+pytest.importorskip("playwright.sync_api")
+from console_page import CHROMIUM, Errors, login, shot
+from playwright.sync_api import Browser, Page, expect
 
 pytestmark = [
     pytest.mark.root,  # the sensor's proc connector needs root
@@ -43,28 +37,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Controller
         ctl.close()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with playwright_sync.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
-
-
-class Errors:
-    """Console errors and uncaught page errors, asserted empty at the end of each test."""
-
-    def __init__(self, page: Page) -> None:
-        self.items: list[str] = []
-        page.on("console", lambda m: self.items.append(f"console: {m.text}")
-                if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.items.append(f"pageerror: {e}"))
-
-    def allow(self, needle: str) -> None:
-        """Drop expected entries (the browser logs every 4xx fetch as a console error)."""
-        self.items = [i for i in self.items if needle not in i]
-
-
 @pytest.fixture
 def page(browser: Browser, stack: tuple[Controller, str]) -> Iterator[tuple[Page, Errors]]:
     ctx = browser.new_context(ignore_https_errors=True, base_url=stack[0].url,
@@ -74,21 +46,6 @@ def page(browser: Browser, stack: tuple[Controller, str]) -> Iterator[tuple[Page
     errors = Errors(pg)
     yield pg, errors
     ctx.close()
-
-
-def login(page: Page, errors: Errors, user: str, password: str = PASSWORD) -> None:
-    page.goto("/#/fleet")
-    page.get_by_label("User name").fill(user)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Log in").click()
-    expect(page.locator("#whoami")).to_contain_text(user)
-    # Known: a fresh visit asks /auth/me without a session, and Chromium logs that 401.
-    errors.allow("401")
-
-
-def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 def run_on_host(*argv: str) -> None:

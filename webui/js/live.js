@@ -12,12 +12,15 @@ export class LiveStream {
   open() {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     this.ws = new WebSocket(`${proto}//${location.host}/api/v1/stream${qs(this.filter)}`);
-    this.ws.onopen = () => { this.delay = 500; this.onState("connected"); };
+    // "connected" only once the server's hello says the subscription exists: events published
+    // between the socket opening and the subscription would otherwise be missed unseen.
+    this.ws.onopen = () => { this.delay = 500; this.onState("subscribing…"); };
     this.ws.onmessage = (m) => {
       let msg;
       try { msg = JSON.parse(m.data); } catch { this.onState("bad message from the stream"); return; }
       if (msg.kind === "error") { this.onState(`stream refused: ${msg.error}`); return; }
-      if (msg.kind !== "hello") this.onMessage(msg);
+      if (msg.kind === "hello") { this.onState("connected"); return; }
+      this.onMessage(msg);
     };
     this.ws.onclose = (ev) => {
       if (this.closed) return;
