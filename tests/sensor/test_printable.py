@@ -4,6 +4,7 @@ surrogates that JSON and msgpack cannot carry."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,17 +42,20 @@ def test_readlink_of_a_non_utf8_cwd_is_printable() -> None:
 def test_cmdline_with_non_utf8_argv_is_printable() -> None:
     import subprocess
 
-    child = subprocess.Popen([b"/bin/sleep", b"5", b"\xffarg"], stderr=subprocess.DEVNULL)
+    # A process that stays alive with the odd argument (sleep would reject it and exit).
+    child = subprocess.Popen(
+        [os.fsencode(sys.executable), b"-c", b"import time; time.sleep(5)", b"\xffarg"]
+    )
     try:
         for _ in range(500):
             argv = procfs.cmdline(child.pid)
-            if argv and len(argv[0]) == 3:
+            if argv and len(argv[0]) == 4:
                 break
             import time
 
             time.sleep(0.01)
         assert argv is not None
-        assert argv[0][2] == "\\xffarg"
+        assert argv[0][3] == "\\xffarg"
         msgpack.packb(argv[0])
     finally:
         child.kill()
