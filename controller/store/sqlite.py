@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
+import functools
 import ipaddress
 import json
 import math
@@ -139,6 +140,7 @@ def _dict(value: object) -> Mapping[str, Any] | None:
 
 
 _second_cache: dict[str, int] = {}
+_EMPTY: Mapping[str, Any] = {}
 
 
 def _parse_ts_us(value: object) -> int | None:
@@ -351,6 +353,39 @@ _INSERT_EVENT = (
     " command_line, file_path, src_ip, src_port, dst_ip, dst_port, user_name, size, doc)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_EVENT_COLUMNS = 17
+# Rows per INSERT statement. ``executemany`` steps once per row and the sqlite3 module drops
+# and retakes the GIL around every step; with detection running Python in another thread each
+# retake can wait, so one multi-row statement per chunk (one step, one GIL hand-off) keeps the
+# writer moving. 256 rows x 17 columns stays far below SQLite's 32766 bound parameters.
+_ROWS_PER_INSERT = 256
+
+
+@functools.cache
+def _insert_many(n: int) -> str:
+    row = "(" + ", ".join("?" * _EVENT_COLUMNS) + ")"
+    return _INSERT_EVENT.split(" VALUES ")[0] + " VALUES " + ", ".join([row] * n)
+
+
+def _insert_events(c: sqlite3.Connection, batch_id: int, rows: list[tuple[Any, ...]]) -> None:
+    """Insert ``rows`` (without the batch id) in order, so their ids stay consecutive.
+
+    Chunks are 256 rows and then powers of two, so a handful of statement texts covers every
+    batch size and stays in the connection's statement cache.
+    """
+    start = 0
+    n = _ROWS_PER_INSERT
+    while start < len(rows):
+        while n > len(rows) - start:
+            n //= 2
+        params: list[Any] = []
+        for r in rows[start:start + n]:
+            params.append(batch_id)
+            params.extend(r)
+        c.execute(_insert_many(n), params)
+        start += n
+
+
 # Process ancestry is derived from stored exec/fork/exit events by ``index_pending``, in SQL:
 # its random-key index (host, entity id) stays off the ingest path. The parent fields are
 # read from the document only for these events.
@@ -618,27 +653,48 @@ class SQLiteStore:
         rows: list[tuple[Any, ...]] = []
         total = 0
         untimed = 0
+        dumps, parse_ts, empty = _dumps, _parse_ts_us, _EMPTY
         for i, ev in enumerate(events):
             if type(ev) is not dict and not isinstance(ev, Mapping):
                 raise InvalidInput(f"event {i} is a {type(ev).__name__}, not a mapping")
-            doc = _dumps(ev, f"event {i}")
-            ts = _parse_ts_us(ev.get("@timestamp"))
+            doc = dumps(ev, f"event {i}")
+            ts = parse_ts(ev.get("@timestamp"))
             if ts is None:
                 ts, untimed = received_us, untimed + 1
-            meta = _dict(ev.get("event")) or {}
-            action = _text(meta.get("action"))
-            cats = meta.get("category")
-            category = _text(cats[0] if isinstance(cats, list) and cats else cats)
-            proc = _dict(ev.get("process")) or {}
-            fil = _dict(ev.get("file")) or {}
-            src = _dict(ev.get("source")) or {}
-            dst = _dict(ev.get("destination")) or {}
-            user = _dict(ev.get("user")) or {}
-            entity_id = _text(proc.get("entity_id"))
-            pid = _int(proc.get("pid"))
-            executable = _text(proc.get("executable"))
-            command_line = _text(proc.get("command_line"))
-            user_name = _text(user.get("name")) or _text(user.get("id"))
+            # Every event pays for this loop while holding the GIL that detection also needs,
+            # so the common shapes (plain dicts, ASCII text, small ints) are tested inline and
+            # only the rest goes through the general helpers.
+            v = ev.get("event")
+            meta = v if v.__class__ is dict else (_dict(v) or empty)
+            v = ev.get("process")
+            proc = v if v.__class__ is dict else (_dict(v) or empty)
+            v = ev.get("file")
+            fil = v if v.__class__ is dict else (_dict(v) or empty)
+            v = ev.get("source")
+            src = v if v.__class__ is dict else (_dict(v) or empty)
+            v = ev.get("destination")
+            dst = v if v.__class__ is dict else (_dict(v) or empty)
+            v = ev.get("user")
+            user = v if v.__class__ is dict else (_dict(v) or empty)
+            v = meta.get("action")
+            action = v if v.__class__ is str and v.isascii() else _text(v)
+            v = meta.get("category")
+            if isinstance(v, list):
+                v = v[0] if v else None
+            category = v if v.__class__ is str and v.isascii() else _text(v)
+            v = proc.get("entity_id")
+            entity_id = v if v.__class__ is str and v.isascii() else _text(v)
+            v = proc.get("pid")
+            pid = v if v.__class__ is int and -_MAX_INT <= v <= _MAX_INT else _int(v)
+            v = proc.get("executable")
+            executable = v if v.__class__ is str and v.isascii() else _text(v)
+            v = proc.get("command_line")
+            command_line = v if v.__class__ is str and v.isascii() else _text(v)
+            v = fil.get("path")
+            path = v if v.__class__ is str and v.isascii() else _text(v)
+            v = user.get("name")
+            user_name = (v if v.__class__ is str and v.isascii() else _text(v)) or _text(
+                user.get("id"))
             size = len(doc)
             total += size
             rows.append(
@@ -651,11 +707,11 @@ class SQLiteStore:
                     entity_id,
                     executable,
                     command_line,
-                    _text(fil.get("path")),
-                    _text(src.get("ip")),
-                    _int(src.get("port")),
-                    _text(dst.get("ip")),
-                    _int(dst.get("port")),
+                    path,
+                    _text(src.get("ip")) if src else None,
+                    _int(src.get("port")) if src else None,
+                    _text(dst.get("ip")) if dst else None,
+                    _int(dst.get("port")) if dst else None,
                     user_name,
                     size,
                     doc,
@@ -671,7 +727,7 @@ class SQLiteStore:
                 return None
             batch_id = cur.lastrowid
             assert batch_id is not None
-            c.executemany(_INSERT_EVENT, [(batch_id, *r) for r in rows])
+            _insert_events(c, batch_id, rows)
             # One writer inserting in one transaction: the AUTOINCREMENT ids are consecutive.
             last = c.execute("SELECT last_insert_rowid()").fetchone()[0] if rows else 0
             c.execute(
