@@ -63,10 +63,16 @@ _Work = tuple[str, int, list[dict[str, Any]]]
 
 def alert_item(alert: Alert) -> dict[str, Any]:
     """An alert record as the live stream and API show it (JSON-ready)."""
-    item = dataclasses.asdict(alert)
+    # Shallow: the nested event and ancestry are fresh objects decoded from the store, so a
+    # deep copy (dataclasses.asdict) would only cost time on the detection path.
+    item = {f.name: getattr(alert, f.name) for f in _ALERT_FIELDS}
+    item["comments"] = [dataclasses.asdict(c) for c in alert.comments]
     item["severity"] = alert.severity.value
     item["status"] = alert.status.value
     return item
+
+
+_ALERT_FIELDS = dataclasses.fields(Alert)
 
 
 def command_item(cmd: Any) -> dict[str, Any]:
