@@ -106,3 +106,17 @@ def test_migration_starts_old_stores_with_everything_evaluated(tmp_path: Path, m
     with SQLiteStore(path) as s:
         assert s.schema_version() == 3
         assert s.detection_watermark() == s.events_after(0)[-1][0]
+
+
+@pytest.mark.parametrize("size", [1, 255, 256, 257, 600, 1000])
+def test_large_batches_keep_order_and_consecutive_ids(store: SQLiteStore, make_ev: Any,
+                                                      t0: float, size: int) -> None:
+    # Inserted in multi-row chunks (256, then powers of two): order and ids must not change.
+    events = [make_ev(Action.EXEC, t0 + i / 1000, pid=i, cmd=f"cmd-{i}") for i in range(size)]
+    b = store.store_batch("host-a", 1, events)
+    assert b is not None and b.count == size
+    rows = store.events_after(b.first_event_id - 1, limit=size + 10)
+    assert [r[0] for r in rows] == list(range(b.first_event_id, b.first_event_id + size))
+    assert [r[2] for r in rows] == events
+    page = store.search_events(host_id="host-a", limit=size)
+    assert sorted(e.event["process"]["pid"] for e in page.events) == list(range(size))
