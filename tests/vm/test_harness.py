@@ -41,6 +41,10 @@ def test_qemu_command_is_isolated_and_leaves_the_image_alone(tmp_path: Path) -> 
     share = cmd[cmd.index("-virtfs") + 1]
     assert "readonly=on" in share and "path=/r," in share
     assert "edr.tiers=kprobe" in cmd[cmd.index("-append") + 1].split()
+    tcg = harness.qemu_command(tmp_path, "6.1.0-99-amd64", ("kprobe",), accel="tcg")
+    assert "-enable-kvm" not in tcg and tcg[tcg.index("-accel") + 1].startswith("tcg")
+    with pytest.raises(ValueError, match="accelerator"):
+        harness.qemu_command(tmp_path, "6.1.0-99-amd64", ("kprobe",), accel="hvf")
 
 
 @pytest.mark.parametrize(
