@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import queue
 import random
 import threading
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from backplane.files import write_atomic
 from backplane.messages import (
     DEFAULT_MAX_MESSAGE,
     Ack,
@@ -109,19 +109,7 @@ def default_heartbeat(outbox: Outbox, tiers: dict[str, str] | None = None,
 
 def write_credentials(path: Path, key_pem: bytes, cert_pem: bytes) -> None:
     """Write key + certificate to one file, 0600, replacing the old one atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, key_pem + cert_pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)  # the rename itself survives a crash
-    finally:
-        os.close(dfd)
+    write_atomic(path, key_pem + cert_pem, 0o600)
 
 
 def load_certificate(path: Path) -> x509.Certificate:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from backplane.files import write_atomic
 from certs import pki, tokens
 
 DEFAULT_STATE_DIR = Path("/var/lib/edr/pki")
@@ -105,26 +105,6 @@ def _umask(mask: int) -> Iterator[None]:
         yield
     finally:
         os.umask(old)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename.
-
-    The temporary file is created with ``mode`` under umask 077, so a key is never readable
-    by others at any moment; readers see the old or the new content, never a mix.
-    """
-    with _umask(0o077):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _ts(dt: datetime) -> str:

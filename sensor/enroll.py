@@ -25,7 +25,6 @@ import re
 import socket
 import ssl
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from backplane.files import write_atomic
 
 DEFAULT_PORT = 8443
 DEFAULT_STATE_DIR = Path("/var/lib/edr/sensor")
@@ -121,25 +122,6 @@ def _server_error(status: int, data: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         message = data[:200].decode("utf-8", "replace")
     return f"controller refused enrollment (HTTP {status}): {message}"
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Atomic write (temp file + rename) with ``mode`` set before any byte lands."""
-    old = os.umask(0o077)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    finally:
-        os.umask(old)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fetch_ca(host: str, port: int, ca_sha256: str) -> bytes:
@@ -238,7 +220,7 @@ def enroll(
 
     key = ec.generate_private_key(ec.SECP256R1())
     pending = state_dir / "sensor.key.pending"
-    _write(
+    write_atomic(
         pending,
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -267,9 +249,9 @@ def enroll(
         except (ValueError, KeyError, TypeError, AttributeError):
             raise EnrollError("controller sent a malformed enrollment reply") from None
         _check_issued(cert_pem, ca_pem, key, host_id)
-        _write(state_dir / "ca.pem", ca_pem, 0o644)
-        _write(cert_path, cert_pem, 0o644)
-        _write(state_dir / "host_id", host_id.encode() + b"\n", 0o644)
+        write_atomic(state_dir / "ca.pem", ca_pem, 0o644)
+        write_atomic(cert_path, cert_pem, 0o644)
+        write_atomic(state_dir / "host_id", host_id.encode() + b"\n", 0o644)
         os.replace(pending, state_dir / "sensor.key")
     except BaseException:
         pending.unlink(missing_ok=True)

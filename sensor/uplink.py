@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from backplane.client import BackplaneClient, ClientConfig, default_heartbeat, write_credentials
+from backplane.files import write_json_atomic
 from backplane.messages import PROTOCOL_VERSION, Command, CommandResult, Heartbeat, Hello
 from backplane.outbox import Outbox
 from backplane.schema import Event
@@ -193,13 +193,7 @@ class Uplink:
         )
 
     def _on_policy(self, version: int, document: dict[str, Any]) -> int:
-        tmp = self.policy_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": version, "document": document}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.policy_file)
+        write_json_atomic(self.policy_file, {"version": version, "document": document})
         self.policy_version, self.policy = version, document
         if self._on_policy_applied is not None:
             self._on_policy_applied(version, document)

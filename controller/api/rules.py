@@ -22,7 +22,6 @@ once to find the problems.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, cast
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, json
 
+from backplane.files import write_atomic
 from controller.api import inputs
 from controller.auth import audit, require
 from controller.detection import DetectionEngine, LoadReport, RuleInfo, RuleProblem
@@ -119,17 +119,7 @@ def _check_upload(text: str) -> LoadReport:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode("utf-8"), 0o644)
 
 
 def create_blueprint() -> Blueprint:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from backplane.files import write_json_atomic
 from sensor.response.errors import ActionFailed, ActionRefused
 
 log = logging.getLogger("edr.sensor.response")
@@ -116,13 +117,7 @@ class Firewall:
     # -- state --------------------------------------------------------------------------------
 
     def _save(self) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_file)
+        write_json_atomic(self.state_file, self.state)
 
     def _check_not_controller(self, net: Network) -> None:
         for addr in self.controller:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from backplane.files import write_json_atomic
 from sensor.response.errors import ActionFailed, ActionRefused
 
 # Where dropped malware usually lands; system directories (/usr, /etc, ...) need an explicit root.
@@ -199,10 +200,4 @@ class FileActions:
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, doc)
