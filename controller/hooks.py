@@ -383,23 +383,28 @@ class StoreHooks:
     @staticmethod
     def _remember(procs: OrderedDict[tuple[str, str], dict[str, Any]], host_id: str,
                   ev: Mapping[str, Any]) -> None:
+        # Runs for every exec and fork: plain dicts (as decoded from the wire) skip the
+        # Mapping ABC checks, which cost more than the rest of this method.
         proc = ev.get("process")
-        if not isinstance(proc, Mapping):
+        if proc.__class__ is not dict and not isinstance(proc, Mapping):
             return
         eid = proc.get("entity_id")
-        if not isinstance(eid, str):
+        if eid.__class__ is not str and not isinstance(eid, str):
             return
         parent = proc.get("parent")
         user = ev.get("user")
-        procs[(host_id, eid)] = {
+        key = (host_id, eid)
+        procs[key] = {
             "entity_id": eid,
             "pid": proc.get("pid"),
             "executable": proc.get("executable"),
             "command_line": proc.get("command_line"),
-            "user": user.get("name") if isinstance(user, Mapping) else None,
-            "parent_entity_id": parent.get("entity_id") if isinstance(parent, Mapping) else None,
+            "user": (user.get("name") if user.__class__ is dict or isinstance(user, Mapping)
+                     else None),
+            "parent_entity_id": (parent.get("entity_id") if parent.__class__ is dict
+                                 or isinstance(parent, Mapping) else None),
         }
-        procs.move_to_end((host_id, eid))
+        procs.move_to_end(key)
         if len(procs) > PROCESS_CACHE:
             procs.popitem(last=False)
 
