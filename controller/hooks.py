@@ -50,6 +50,9 @@ from controller.store import (
 
 log = logging.getLogger(__name__)
 
+# Commands whose success changes the host's recorded isolation state.
+ISOLATION_ACTIONS = {"isolate": True, "unisolate": False}
+
 MAX_ANCESTRY = 32
 PROCESS_CACHE = 200_000  # recent processes per controller, for alert ancestry
 _MERGE_BATCHES = 32  # queued batches evaluated in one worker-thread call
@@ -236,6 +239,9 @@ class StoreHooks:
         if cmd is not None:
             self.metrics.command_results += 1
             self.live.publish("command", command_item(cmd))
+            if result.status == "ok" and cmd.action in ISOLATION_ACTIONS:
+                host = await asyncio.to_thread(self.store.get_host, host_id)
+                self.live.publish("host", dataclasses.asdict(host))
 
     def _record_result(self, host_id: str, result: CommandResult) -> Any:
         if not result.id.isdigit() or len(result.id) > 18:
@@ -250,7 +256,11 @@ class StoreHooks:
         if cmd.status == CommandStatus.QUEUED:  # re-queued by a disconnect, then answered
             self.store.mark_sent(cmd.id)
         output = {**result.output, "status": result.status}
-        return self.store.record_result(cmd.id, result.status == "ok", output)
+        recorded = self.store.record_result(cmd.id, result.status == "ok", output)
+        if result.status == "ok" and cmd.action in ISOLATION_ACTIONS:
+            # The host's isolation state is what the sensor confirmed, not what was asked.
+            self.store.set_isolation(host_id, ISOLATION_ACTIONS[cmd.action])
+        return recorded
 
     async def current_policy(self, host_id: str) -> Policy | None:
         pv = await asyncio.to_thread(self.store.current_policy)
