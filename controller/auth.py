@@ -590,6 +590,24 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
         response.headers["Cache-Control"] = "no-store"
         return response
 
+    @bp.get("/auth/session")
+    async def current_session(request: Request) -> HTTPResponse:
+        """Like /auth/me, but "not logged in" is an answer (200), not an error."""
+        try:
+            principal = await authenticate(request)
+        except ApiError as exc:
+            if exc.status != 401:
+                raise
+            principal = None
+        if principal is None:
+            body: dict[str, Any] = {"authenticated": False}
+        else:
+            request.ctx.user = principal
+            body = {"authenticated": True, **_me(request)}
+        response = json_response(body)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
     @bp.get("/auth/csrf")
     @require("viewer")
     async def csrf(request: Request) -> HTTPResponse:

@@ -165,6 +165,13 @@ def _auth_paths() -> dict[str, dict[str, Any]]:
             "Who am I (and the session's CSRF token, so a reload keeps the session)", "auth",
             "viewer", result=_SESSION_INFO,
         )},
+        "/api/v1/auth/session": {"get": _op(
+            "The current session if there is one: never 401, so a console's first visit "
+            "logs no error", "auth", None,
+            result=_obj({"authenticated": _s("boolean"), "username": _s("string"),
+                         "role": _s("string", enum=ROLES),
+                         "csrf_token": {"type": ["string", "null"]}}, ("authenticated",)),
+        )},
         "/api/v1/auth/csrf": {"get": _op(
             "The session's CSRF token", "auth", "viewer",
             result=_obj({"csrf_token": {"type": ["string", "null"]}}),

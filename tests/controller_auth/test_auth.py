@@ -492,3 +492,17 @@ def test_audit_endpoint_filters_and_pages(api: Api) -> None:
         r = api.request("GET", f"/api/v1/audit?{bad}", as_user="alice")
         assert r.status_code == 400, bad
         assert "error" in r.json()
+
+
+
+def test_session_endpoint_answers_without_an_error_status(api: Api) -> None:
+    """A console's first visit asks whether there is a session; "no" is not an error."""
+    r = api.request("GET", "/api/v1/auth/session")
+    assert r.status_code == 200 and r.json() == {"authenticated": False}
+    forged = {"Cookie": f"{auth.COOKIE_FULL_NAME}=forged"}
+    r = api.request("GET", "/api/v1/auth/session", headers=forged)
+    assert r.status_code == 200 and r.json() == {"authenticated": False}
+    r = api.request("GET", "/api/v1/auth/session", as_user="alice")
+    body = r.json()
+    assert r.status_code == 200 and body["authenticated"] is True
+    assert body["username"] == "alice" and body["csrf_token"] == api.sessions["alice"].csrf

@@ -56,15 +56,11 @@ export async function api(method, path, body, { headers = {} } = {}) {
 
 /** Restore the session from the cookie (a page reload); false when there is none. */
 export async function restore() {
-  try {
-    const me = await api("GET", "/auth/me");
-    session.user = { username: me.username, role: me.role };
-    session.csrf = me.csrf_token;
-    return true;
-  } catch (e) {
-    if (e.status === 401) return false;
-    throw e;
-  }
+  const me = await api("GET", "/auth/session");
+  if (!me.authenticated) return false;
+  session.user = { username: me.username, role: me.role };
+  session.csrf = me.csrf_token;
+  return true;
 }
 
 export async function login(username, password) {
