@@ -185,9 +185,11 @@ class Checker:
     def exit_signal(self) -> None:
         e2e = self.e2e
         tag = e2e.marker()
-        proc = subprocess.Popen(["/bin/sleep", "30", tag])
+        # sh stays the parent of its sleep ("sleep 30 <tag>" would exit 1 at once: sleep
+        # rejects the extra argument); the whole group is killed so no sleep is left behind
+        proc = subprocess.Popen(["/bin/sh", "-c", "sleep 30; true", tag], start_new_session=True)
         ev = self.sensor.wait_for(e2e.is_exec_with(tag))
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         done = self.sensor.wait_for(
             lambda e: e2e.has(e, "exit", process__entity_id=ev["process"]["entity_id"])
