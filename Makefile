@@ -29,6 +29,8 @@ bench: ## the benchmarks (root, takes minutes)
 # tcg: Debian's kernels hang at boot under this host's nested KVM; VM_ACCEL=kvm where it works
 VM_ACCEL ?= tcg
 vm-test: ## kprobe and tracepoint tiers in QEMU on Debian 6.1 and 6.12 kernels (root)
+	dpkg-query -W debootstrap qemu-system-x86 qemu-utils >/dev/null 2>&1 || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap qemu-system-x86 qemu-utils
 	$(VENV)/python tests/vm/harness.py --accel $(VM_ACCEL)
 
 install: ## install sensor and controller as systemd services under /opt/edr (root)

@@ -185,9 +185,15 @@ def _check_name(value: object, what: str, max_len: int = _MAX_NAME) -> str:
     return value
 
 
+_MAX_SECONDS = 1e11  # about year 5138
+
+
 def _check_time(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InvalidInput(f"{what} must be a finite number of seconds")
+    if not -_MAX_SECONDS <= value <= _MAX_SECONDS:
+        # Finite but absurd (1e308): it would overflow the microsecond columns.
+        raise InvalidInput(f"{what} must be within ±{_MAX_SECONDS:.0e} seconds of the epoch")
     return float(value)
 
 

@@ -158,7 +158,9 @@ def test_a_file_as_watch_path(tmp_path: Any) -> None:
             f.write("\nmallory:x:0:0")
         time.sleep(0.3)
         os.chmod(target, 0o600)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10  # generous on a loaded machine; done when seen
+        while time.monotonic() < deadline and ("chmod", str(target)) not in _actions(events):
+            time.sleep(0.05)
     finally:
         stop.set()
         thread.join(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -419,3 +420,15 @@ def test_ingest_writes_through_to_other_connections(store: SQLiteStore, make_ev,
     store.ingest_batch("host-a", 1, [make_ev(Action.EXEC, t0)])
     with sqlite3.connect(db_path) as c:
         assert c.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+
+
+def test_absurd_but_finite_times_are_refused_not_overflowed(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    try:
+        for bad in (1e308, -1e308, 1e12):
+            with pytest.raises(InvalidInput, match="within"):
+                store.search_events(until=bad)
+            with pytest.raises(InvalidInput, match="within"):
+                store.search_events(since=bad)
+    finally:
+        store.close()
