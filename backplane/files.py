@@ -1,7 +1,7 @@
 """Durable, atomic file replacement: the one implementation every component uses.
 
 Keys, certificates, the CRL, policy, response state and uploaded rules are all replaced this
-way: a temporary file in the same directory, created under umask 077 and given its final mode
+way: a temporary file in the same directory, created 0600 and given its final mode
 before any byte lands, fsynced, renamed over the target, and the directory fsynced so the
 rename itself survives a crash. Readers see the old or the new content, never a mix.
 """
@@ -16,11 +16,9 @@ from typing import Any
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    old = os.umask(0o077)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    finally:
-        os.umask(old)
+    # mkstemp creates the file 0600 whatever the umask; the umask is process-wide, so changing
+    # it here would race with every other thread creating files.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), mode)

@@ -60,11 +60,10 @@ class Outbox:
         self._pending: list[dict[str, Any]] = []
         self._pending_since = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        old_umask = os.umask(0o077)  # events may carry command lines: owner-only files
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        finally:
-            os.umask(old_umask)
+        # Events may carry command lines: owner-only files. Created 0600 here (SQLite gives its
+        # -wal and -shm files the database's mode); not via the umask, which is process-wide.
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an appended batch survives power loss
         self._db.executescript(

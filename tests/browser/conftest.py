@@ -9,9 +9,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """One headless Debian Chromium for the whole run (each test opens its own context)."""
+    """One headless Debian Chromium per test module (each test opens its own context).
+
+    Not session-wide: Playwright's sync API keeps an asyncio loop running in the main thread
+    while it is open, which would make every later test's ``asyncio.run()`` fail.
+    """
     playwright_sync = pytest.importorskip("playwright.sync_api")
     from console_page import ARGS, CHROMIUM
 

@@ -147,6 +147,7 @@ def test_excluded_prefixes_are_not_reported_or_watched(tmp_path: Any) -> None:
 def test_a_file_as_watch_path(tmp_path: Any) -> None:
     target = tmp_path / "passwd"
     target.write_text("root:x:0:0")
+    target.chmod(0o644)  # whatever the umask was, the chmod below is a real change
     events: list[Event] = []
     src = InotifyFileSource(_ctx(events, (str(target),)), ALL)
     src.open()
