@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import builtins
+import gc
 import os
 import threading
 
 import pytest
 
-# CPython 3.11 before 3.11.5 (Debian 12 ships 3.11.2) keeps the AST validator's recursion
-# depth per interpreter, not per thread: two threads compiling at once (a test server thread
-# finalising Sanic's router while the main thread imports or rewrites assertions) can fail with
-# "SystemError: AST constructor recursion depth mismatch" and leave asyncio state broken for
-# later tests. The suite serialises compile() to rule that interpreter bug out; production is
-# unaffected (the controller compiles its router once, at start-up, in one thread).
+# CPython 3.11 before 3.11.5 (Debian 12 ships 3.11.2) keeps the AST constructor's recursion
+# depth in per-interpreter state that one ast.parse resets on entry: a second ast.parse that
+# starts while the first is still building objects (another thread, or the same thread through
+# a garbage-collector finalizer, e.g. a leaked asyncio Task logging "Task was destroyed" with a
+# traceback, which parses source for its caret markers) makes the first fail with
+# "SystemError: AST constructor recursion depth mismatch". Test servers come and go hundreds of
+# times here, so the suite serialises compile() and keeps the collector out of it. Production is
+# unaffected in practice: the controller parses route sources once, at start-up.
 _compile_lock = threading.RLock()
 _compile = builtins.compile
 
 
 def _serialised_compile(*args, **kwargs):  # type: ignore[no-untyped-def]
     with _compile_lock:
-        return _compile(*args, **kwargs)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return _compile(*args, **kwargs)
+        finally:
+            if collecting:
+                gc.enable()
 
 
 builtins.compile = _serialised_compile
