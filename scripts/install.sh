@@ -75,52 +75,13 @@ systemd_running=0
 [ "$staging" = 0 ] && [ -d /run/systemd/system ] && systemd_running=1
 
 # -- packages ----------------------------------------------------------------------------------
-apt_updated=0
-apt_install() {
-    if [ "$apt_updated" = 0 ]; then
-        log "apt-get update"
-        apt-get update -qq
-        apt_updated=1
-    fi
-    log "apt-get install $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
-
-# Kernel headers for BCC: the running kernel's own (Ubuntu has them for every kernel), else
-# Debian's generic set merged into one folder, which the sensor finds by itself and uses only
-# for tracepoint programs (it refuses the kprobe tier with mismatched headers).
-install_headers() {
-    local kver arch generic common specific
-    kver=$(uname -r)
-    generic=/usr/src/edr-bcc-headers
-    [ -e "/lib/modules/$kver/build" ] || [ -d "$generic/include" ] && return 0
-    if [ "$apt_updated" = 0 ]; then apt-get update -qq; apt_updated=1; fi
-    if apt-cache show "linux-headers-$kver" >/dev/null 2>&1; then
-        apt_install "linux-headers-$kver"
-        return 0
-    fi
-    arch=$(dpkg --print-architecture)
-    installed "linux-headers-$arch" || apt_install "linux-headers-$arch"
-    common=$(find /usr/src -maxdepth 1 -name 'linux-headers-*-common' | sort -V | tail -1)
-    specific=${common%-common}-$arch
-    [ -n "$common" ] && [ -d "$specific" ] \
-        || die "no kernel headers under /usr/src after installing linux-headers-$arch"
-    log "merging $common and $specific into $generic (generic headers for BCC)"
-    rm -rf "$generic.tmp"
-    mkdir -p "$generic.tmp"
-    cp -as "$common/." "$generic.tmp/"
-    cp -asf "$specific/." "$generic.tmp/"
-    mv "$generic.tmp" "$generic"
-}
+. "$src/scripts/lib/packages.sh"
 
 if [ "$staging" = 0 ] && [ "$packages" = 1 ]; then
     command -v apt-get >/dev/null || die "apt-get not found: only Debian and Ubuntu are supported"
     wanted=(python3 python3-venv ca-certificates)
     [ "$want_sensor" = 1 ] && wanted+=(python3-bpfcc nftables iproute2)
-    missing=()
-    for p in "${wanted[@]}"; do installed "$p" || missing+=("$p"); done
-    [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+    ensure_packages "${wanted[@]}"
     [ "$want_sensor" = 1 ] && install_headers
 fi
 

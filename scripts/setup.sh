@@ -16,63 +16,22 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 log() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
+. scripts/lib/packages.sh
 
 packages=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools nftables iproute2
           util-linux ca-certificates)
 if [ "$want_test" = 1 ]; then
     packages+=(bpftrace auditd chromium chromium-driver procps)
 fi
-
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-
-apt_updated=0
-apt_install() {
-    if [ "$apt_updated" = 0 ]; then
-        log "apt-get update"
-        apt-get update -qq
-        apt_updated=1
-    fi
-    log "apt-get install $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+ensure_packages "${packages[@]}"
 
 # auditd starts itself on install; the benchmark starts it when it needs it.
 if [ "$want_test" = 1 ] && systemctl is-active --quiet auditd 2>/dev/null; then
     systemctl stop auditd 2>/dev/null || true
 fi
 
-# Kernel headers for BCC. Matching headers are best (Ubuntu ships them per kernel). Where the
-# running kernel has none (as on the CI machines), Debian's generic headers are merged into one
-# folder and named by BCC_KERNEL_SOURCE: safe for tracepoint programs, which read no kernel
-# struct; the sensor refuses the kprobe tier with them.
-kver=$(uname -r)
-generic=/usr/src/edr-bcc-headers
-if [ ! -e "/lib/modules/$kver/build" ] && [ ! -d "$generic/include" ]; then
-    if [ "$apt_updated" = 0 ]; then apt-get update -qq; apt_updated=1; fi
-    if apt-cache show "linux-headers-$kver" >/dev/null 2>&1; then
-        apt_install "linux-headers-$kver"
-    else
-        arch=$(dpkg --print-architecture)
-        dpkg-query -W -f='${Status}' "linux-headers-$arch" 2>/dev/null | grep -q "ok installed" \
-            || apt_install "linux-headers-$arch"
-        common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1)
-        specific=${common%-common}-$arch
-        if [ -z "$common" ] || [ ! -d "$specific" ]; then
-            echo "setup: no kernel headers found under /usr/src after installing linux-headers-$arch" >&2
-            exit 1
-        fi
-        log "merging $common and $specific into $generic (generic headers for BCC)"
-        rm -rf "$generic.tmp"
-        mkdir -p "$generic.tmp"
-        cp -as "$common/." "$generic.tmp/"
-        cp -asf "$specific/." "$generic.tmp/"
-        mv "$generic.tmp" "$generic"
-    fi
-fi
+install_headers
 
 # The venv, on the distribution's Python so that its BCC bindings match.
 venv=.venv
