@@ -49,8 +49,11 @@ class EnrollError(Exception):
     """Enrollment failed; the message is meant for the operator."""
 
 
-def parse_controller(controller: str) -> tuple[str, int]:
-    """Split ``HOST[:PORT]``, ``[V6]:PORT`` or ``https://HOST[:PORT]`` into host and port."""
+def parse_controller(controller: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """Split ``HOST[:PORT]``, ``[V6]:PORT`` or ``https://HOST[:PORT]`` into host and port.
+
+    The one parser of controller addresses: enrollment (HTTPS) and the backplane use it.
+    """
     text = controller.strip()
     if text.startswith("https://"):
         text = text[len("https://") :].rstrip("/")
@@ -73,7 +76,7 @@ def parse_controller(controller: str) -> tuple[str, int]:
     except ValueError:
         if not _HOST_RE.fullmatch(host):
             raise EnrollError(f"controller {controller!r}: not a host name or address") from None
-    port = DEFAULT_PORT
+    port = default_port
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise EnrollError(f"controller {controller!r}: port must be 1-65535")

@@ -24,7 +24,7 @@ from backplane.files import write_json_atomic
 from backplane.messages import PROTOCOL_VERSION, Command, CommandResult, Heartbeat, Hello
 from backplane.outbox import Outbox
 from backplane.schema import Event
-from sensor import __version__
+from sensor import __version__, enroll
 
 log = logging.getLogger("edr.sensor")
 
@@ -38,33 +38,14 @@ class UplinkError(Exception):
 
 def parse_controller(text: str) -> tuple[str, str]:
     """``HOST[:PORT]`` (IPv6 in brackets) → (ZeroMQ endpoint, name the certificate must carry)."""
-    text = text.strip()
-    if not text or any(c in text for c in "/@ \t"):
-        raise UplinkError(f"--controller {text!r}: expected HOST or HOST:PORT")
-    host, port = text, DEFAULT_BACKPLANE_PORT
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise UplinkError(f"--controller {text!r}: malformed IPv6 address")
-        if rest:
-            port = _port(rest[1:], text)
-        endpoint_host = f"[{host}]"
-    else:
-        if text.count(":") == 1:
-            host, raw = text.split(":")
-            port = _port(raw, text)
-        elif ":" in text:
-            raise UplinkError(f"--controller {text!r}: put an IPv6 address in brackets")
-        endpoint_host = host
-    if not host:
-        raise UplinkError(f"--controller {text!r}: no host")
+    if "://" in text:
+        raise UplinkError(f"--controller {text!r}: expected HOST or HOST:PORT, no scheme")
+    try:
+        host, port = enroll.parse_controller(text, DEFAULT_BACKPLANE_PORT)
+    except enroll.EnrollError as exc:
+        raise UplinkError(f"--{exc}") from None
+    endpoint_host = f"[{host}]" if ":" in host else host
     return f"tcp://{endpoint_host}:{port}", host
-
-
-def _port(raw: str, text: str) -> int:
-    if not raw.isdigit() or not 0 < int(raw) < 65536:
-        raise UplinkError(f"--controller {text!r}: port must be 1-65535")
-    return int(raw)
 
 
 def ensure_credentials(state_dir: Path) -> Path:

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
         ("127.0.0.1:7000", "tcp://127.0.0.1:7000", "127.0.0.1"),
         ("[::1]", "tcp://[::1]:7443", "::1"),
         ("[::1]:7001", "tcp://[::1]:7001", "::1"),
+        ("::1", "tcp://[::1]:7443", "::1"),  # unbracketed IPv6: the whole text is the host
     ],
 )
 def test_parse_controller(text: str, endpoint: str, name: str) -> None:
@@ -42,7 +43,7 @@ def test_parse_controller(text: str, endpoint: str, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "a b", "tcp://x", "x:0", "x:70000", "x:port", "::1", "[::1", "[::1]x", "u@h"]
+    "text", ["", "a b", "tcp://x", "https://x", "x:0", "x:70000", "x:port", "[::1", "[::1]x", "u@h"]
 )
 def test_parse_controller_refuses(text: str) -> None:
     with pytest.raises(UplinkError):
