@@ -9,19 +9,12 @@ Also runnable as a script to get a console to look at by hand::
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
 from argon2 import PasswordHasher
 
@@ -29,7 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # when run as a script
     sys.path.insert(0, str(REPO))
 
-from controller.app import create_app, ensure_pki  # noqa: E402
+sys.path.insert(0, str(REPO / "tests" / "controller_core"))  # the shared controller harness
+
+import core_harness  # noqa: E402
+from core_harness import wait_for  # noqa: E402
+
 from controller.config import ControllerConfig  # noqa: E402
 from controller.maintenance import Intervals  # noqa: E402
 
@@ -56,41 +53,14 @@ level: high
 """
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
-
-
-CLONE_NEWNET = 0x40000000
-
-
-def enter_netns(name: str) -> None:
-    """Move the calling thread (only: network namespaces are per thread) into ``name``."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into network namespace {name}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-class Controller:
-    """``create_app`` served over HTTPS on 127.0.0.1:<free port>, on its own loop thread.
+class Controller(core_harness.Controller):
+    """The core harness's controller with the browser tests' users and test rule.
 
     Args:
         state: directory for the controller's state and the test rule.
         backplane_host: the address the backplane binds (a free port is picked).
         netns: run the loop thread in this network namespace, so the backplane listens there
-            while the console's HTTPS socket (made here, before the thread starts) stays on the
-            machine's loopback where the browser is.
+            while the console's HTTPS socket stays on the machine's loopback where the browser is.
     """
 
     def __init__(self, state: Path, backplane_host: str = "127.0.0.1",
@@ -99,70 +69,16 @@ class Controller:
         rules.mkdir(parents=True, exist_ok=True)
         (rules / "browser_test_marker.yml").write_text(TEST_RULE)
         self.backplane_host = backplane_host
-        self.config = ControllerConfig(
+        config = ControllerConfig(
             state_dir=state / "controller", backplane=f"tcp://{backplane_host}:0",
             http_host="127.0.0.1", http_port=0,
             server_names=tuple(dict.fromkeys(("localhost", "127.0.0.1", backplane_host))),
             rule_dirs=(rules,),
         )
-        self.pki = ensure_pki(self.config)
-        self.app = create_app(self.config, intervals=Intervals(
+        super().__init__(config, netns=netns, intervals=Intervals(
             index_idle=0.2, checkpoint=1, commands=0.2, retention=5, crl=1))
-        self.app.config.TOUCHUP = False  # several apps per process (see controller_core)
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.loop = asyncio.new_event_loop()
-        entered: Future[None] = Future()
-        self.thread = threading.Thread(target=self._run_loop, args=(netns, entered), daemon=True)
-        self.thread.start()
-        entered.result(10)
-        self.server = self.call(self._start())
         for name, role in USERS.items():
             self.ctx.store.create_user(name, FAST_HASHER.hash(PASSWORD), role)
-
-    def _run_loop(self, netns: str | None, entered: Future[None]) -> None:
-        try:
-            if netns is not None:
-                enter_netns(netns)
-        except OSError as exc:
-            entered.set_exception(exc)
-            return
-        entered.set_result(None)
-        self.loop.run_forever()
-
-    async def _start(self) -> Any:
-        server = await self.app.create_server(
-            sock=self.sock, ssl={"cert": str(self.pki.server_cert_path),
-                                 "key": str(self.pki.server_key_path)},
-            return_asyncio_server=True, access_log=False,
-        )
-        assert server is not None
-        await server.startup()
-        await server.before_start()
-        await server.after_start()
-        self._serving = asyncio.ensure_future(server.serve_forever())
-        return server
-
-    async def _stop(self) -> None:
-        await self.server.before_stop()
-        self.server.close()
-        await self.server.wait_closed()
-        self._serving.cancel()
-        await self.server.after_stop()
-
-    def call(self, coro: Any, timeout: float = 30.0) -> Any:
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return fut.result(timeout)
-
-    @property
-    def ctx(self) -> Any:
-        return self.app.ctx
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
 
     @property
     def backplane_port(self) -> int:
@@ -173,15 +89,6 @@ class Controller:
         """What a sensor's ``--controller`` names (the certificate carries the name)."""
         host = "localhost" if self.backplane_host == "127.0.0.1" else self.backplane_host
         return f"{host}:{self.backplane_port}"
-
-    def close(self) -> None:
-        try:
-            self.call(self._stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-            self.sock.close()
 
 
 class SensorProcess:

@@ -4,6 +4,8 @@ sensor-side backplane client with its outbox, and a websocket reader."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import hashlib
 import os
 import queue
@@ -45,14 +47,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread (only: network namespaces are per thread) into ``name``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into network namespace {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 class Controller:
     """``create_app`` served for real over HTTPS on 127.0.0.1, on its own loop thread."""
 
-    def __init__(self, config: ControllerConfig) -> None:
+    def __init__(self, config: ControllerConfig, *, intervals: Intervals | None = None,
+                 netns: str | None = None) -> None:
+        """``netns``: run the loop thread in that network namespace, so the backplane listens
+        there while the HTTPS socket (made here, before the thread starts) stays on the
+        machine's loopback."""
         self.config = config
         self.pki = ensure_pki(config)
-        self.app = create_app(config, intervals=Intervals(index_idle=0.2, checkpoint=1,
-                                                          commands=0.2, retention=1, crl=1))
+        self.app = create_app(config, intervals=intervals or Intervals(
+            index_idle=0.2, checkpoint=1, commands=0.2, retention=1, crl=1))
         # Sanic's touch-up rewrites class methods once per process; a second app in the same
         # process trips over it, so tests (many apps per process) turn it off.
         self.app.config.TOUCHUP = False
@@ -61,9 +82,21 @@ class Controller:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        entered: Future[None] = Future()
+        self.thread = threading.Thread(target=self._run_loop, args=(netns, entered), daemon=True)
         self.thread.start()
+        entered.result(10)
         self.server = self.call(self._start())
+
+    def _run_loop(self, netns: str | None, entered: Future[None]) -> None:
+        try:
+            if netns is not None:
+                enter_netns(netns)
+        except OSError as exc:
+            entered.set_exception(exc)
+            return
+        entered.set_result(None)
+        self.loop.run_forever()
 
     async def _start(self) -> Any:
         server = await self.app.create_server(
@@ -83,6 +116,8 @@ class Controller:
         self.server.close()
         await self.server.wait_closed()
         self._serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._serving  # awaited, not left pending for a finalizer to complain about
         await self.server.after_stop()
 
     def call(self, coro: Any, timeout: float = 30.0) -> Any:
