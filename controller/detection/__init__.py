@@ -14,6 +14,7 @@ from controller.detection.engine import (
     LoadReport,
     Match,
     ProblemKind,
+    RuleConfig,
     RuleInfo,
     RuleProblem,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "LoadReport",
     "Match",
     "ProblemKind",
+    "RuleConfig",
     "RuleInfo",
     "RuleProblem",
     "build_alert",

@@ -178,6 +178,19 @@ def _bucket(members: list[_Rule]) -> _Bucket:
     return _Bucket(tuple(members), first, rest, tuple(filters), frozenset(always))
 
 
+@dataclass(frozen=True)
+class RuleConfig:
+    """What decides an engine's rule set: enough for another process to load the same one.
+
+    ``generation`` grows with every load, reload, enable and disable.
+    """
+
+    generation: int
+    dirs: tuple[str, ...]
+    include_builtin: bool
+    disabled: frozenset[str]
+
+
 class DetectionEngine:
     """Sigma rules evaluated against ECS events.
 
@@ -191,6 +204,7 @@ class DetectionEngine:
         self._rules: dict[str, _Rule] = {}
         self._disabled: set[str] = set()
         self._index: dict[str, _Bucket] = {}
+        self.generation = 0  # grows with every change of the rule set (see ``config``)
         self._write = threading.Lock()  # serialises load/enable/disable, never taken by match
         self.errors = 0  # predicates that raised (a bug, logged); the event still flows on
         # Rule predicates called after the pre-filter (approximate under concurrent match
@@ -199,14 +213,25 @@ class DetectionEngine:
 
     # -- loading --------------------------------------------------------------------------------
 
-    def load(self, dirs: Iterable[str | Path] = ()) -> LoadReport:
+    def load(self, dirs: Iterable[str | Path] = (), *, disabled: Iterable[str] = ()
+             ) -> LoadReport:
         """Replace the rule set with the rules under ``dirs`` (and the built-in rules).
 
         Each entry may be a directory (searched recursively for ``*.yml``/``*.yaml``) or one
-        rule file. Enabled/disabled state is kept for rule ids that are loaded again.
+        rule file. Enabled/disabled state is kept for rule ids that are loaded again;
+        ``disabled`` names more rule ids to load disabled.
         """
         self._dirs = tuple(Path(d) for d in dirs)
+        with self._write:
+            self._disabled |= set(disabled)
         return self.reload()
+
+    def config(self) -> RuleConfig:
+        """The directories and enabled state behind the current rule set, with its
+        generation (how the detection worker process loads the same rules)."""
+        with self._write:
+            return RuleConfig(self.generation, tuple(str(d) for d in self._dirs),
+                              self.include_builtin, frozenset(self._disabled))
 
     def reload(self) -> LoadReport:
         """Read the configured directories again and swap the new rule set in."""
@@ -360,6 +385,7 @@ class DetectionEngine:
                 by_action.setdefault(action, []).append(rule)
         index = {action: _bucket(members) for action, members in by_action.items()}
         self._index = index  # one assignment: readers see the old or the new set, never half
+        self.generation += 1
 
     # -- matching -------------------------------------------------------------------------------
 
@@ -460,6 +486,7 @@ __all__ = [
     "LoadReport",
     "Match",
     "ProblemKind",
+    "RuleConfig",
     "RuleInfo",
     "RuleProblem",
 ]

@@ -353,3 +353,23 @@ detection:
         assert {m.title for m in engine.match(event)} == titles, action
         event["file"]["path"] = "/home/etc/passwd"
         assert engine.match(event) == []
+
+
+def test_config_describes_the_rule_set_and_its_generation(rules_dir):
+    """What the detection worker process loads: same directories, same disabled rules."""
+    engine = DetectionEngine(include_builtin=False)
+    good = "11111111-1111-4111-8111-111111111111"
+    engine.load([rules_dir], disabled=[good])
+    config = engine.config()
+    assert config.dirs == (str(rules_dir),) and config.include_builtin is False
+    assert config.disabled == {good}
+    assert engine.match(_exec(Path("/good"))) == []
+    twin = DetectionEngine(include_builtin=config.include_builtin)
+    twin.load(config.dirs, disabled=config.disabled)
+    assert {(r.id, r.enabled) for r in twin.rules} == {(r.id, r.enabled) for r in engine.rules}
+    before = config.generation
+    engine.enable(good)
+    assert engine.config().generation > before and engine.config().disabled == frozenset()
+    after_enable = engine.config().generation
+    engine.reload()
+    assert engine.config().generation > after_enable
