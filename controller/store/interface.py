@@ -125,11 +125,13 @@ class Role(StrEnum):
 @dataclass(frozen=True, slots=True)
 class StoredBatch:
     """Where a committed batch landed: its events have ids ``first_event_id`` onwards,
-    one per event in batch order (``count`` of them)."""
+    one per event in batch order (``count`` of them). ``docs`` are the events as stored
+    (JSON text, batch order), so detection gets them without serialising again."""
 
     batch_id: int
     first_event_id: int
     count: int
+    docs: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +359,14 @@ class Store(Protocol):
     ) -> list[tuple[int, str, dict[str, Any]]]:
         """Up to ``limit`` stored events with ids above ``event_id``, oldest first, as
         ``(id, host_id, document)``: what detection replays after a restart."""
+        ...
+
+    def event_docs_after(self, event_id: int, limit: int = 10_000) -> list[tuple[int, str, str]]:
+        """``events_after`` with each document as the stored JSON text, not decoded."""
+        ...
+
+    def last_event_id(self) -> int:
+        """The highest stored event id (0 when there is none)."""
         ...
 
     def index_pending(self, max_rows: int = 20_000) -> int:

@@ -111,6 +111,15 @@ def _dumps(value: object, what: str) -> str:
         raise InvalidInput(f"{what}: {e}") from None
 
 
+def _loads(text: str) -> Any:
+    """A stored document decoded: orjson, or the stdlib decoder for the escaped lone
+    surrogates (undecodable argv bytes) that orjson refuses."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def _text(value: object) -> str | None:
     """A string safe to bind as SQLite TEXT (valid UTF-8), or ``None`` for non-strings."""
     if not isinstance(value, str):
@@ -657,6 +666,7 @@ class SQLiteStore:
         received = self._clock()
         received_us = int(received * 1_000_000)
         rows: list[tuple[Any, ...]] = []
+        docs: list[str] = []
         total = 0
         untimed = 0
         dumps, parse_ts, empty = _dumps, _parse_ts_us, _EMPTY
@@ -703,6 +713,7 @@ class SQLiteStore:
                 user.get("id"))
             size = len(doc)
             total += size
+            docs.append(doc)
             rows.append(
                 (
                     host_id,
@@ -744,7 +755,7 @@ class SQLiteStore:
                     "UPDATE hosts SET events_dropped = events_dropped + ? WHERE host_id = ?",
                     (dropped, host_id),
                 )
-        return StoredBatch(batch_id, last - len(rows) + 1 if rows else 0, len(rows))
+        return StoredBatch(batch_id, last - len(rows) + 1 if rows else 0, len(rows), docs)
 
     def detection_watermark(self) -> int:
         with self._reading() as c:
@@ -763,7 +774,21 @@ class SQLiteStore:
                 "SELECT id, host_id, doc FROM events WHERE id > ? ORDER BY id LIMIT ?",
                 (event_id, limit),
             ).fetchall()
-        return [(int(i), str(h), orjson.loads(doc)) for i, h, doc in rows]
+        return [(int(i), str(h), _loads(doc)) for i, h, doc in rows]
+
+    def event_docs_after(self, event_id: int, limit: int = 10_000) -> list[tuple[int, str, str]]:
+        _check_id(event_id, "event_id")
+        limit = _check_limit(limit, 1_000_000)
+        with self._reading() as c:
+            rows = c.execute(
+                "SELECT id, host_id, doc FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                (event_id, limit),
+            ).fetchall()
+        return [(int(i), str(h), str(doc)) for i, h, doc in rows]
+
+    def last_event_id(self) -> int:
+        with self._reading() as c:
+            return int(c.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
 
     def index_pending(self, max_rows: int = 20_000) -> int:
         """Make up to ``max_rows`` newly ingested events searchable by full text and fold

@@ -120,3 +120,22 @@ def test_large_batches_keep_order_and_consecutive_ids(store: SQLiteStore, make_e
     assert [r[2] for r in rows] == events
     page = store.search_events(host_id="host-a", limit=size)
     assert sorted(e.event["process"]["pid"] for e in page.events) == list(range(size))
+
+
+def test_stored_documents_come_back_as_written(store: SQLiteStore, make_ev: Any,
+                                               t0: float) -> None:
+    """``StoredBatch.docs`` and ``event_docs_after`` hand detection the stored JSON text, and
+    ``last_event_id`` bounds a replay; lone surrogates (undecodable argv) survive both."""
+    assert store.last_event_id() == 0
+    events = [make_ev(Action.EXEC, t0 + i, cmd=f"c{i}") for i in range(3)]
+    events[1]["process"]["command_line"] = "bad \udcff byte"
+    b = store.store_batch("host-a", 1, events)
+    assert b is not None and len(b.docs) == 3
+    rows = store.event_docs_after(0)
+    assert [r[0] for r in rows] == [b.first_event_id + i for i in range(3)]
+    assert [r[2] for r in rows] == list(b.docs)
+    assert store.last_event_id() == rows[-1][0]
+    assert [r[2] for r in store.events_after(0)] == events  # decoded, surrogate included
+    assert store.event_docs_after(rows[-1][0]) == []
+    with pytest.raises(InvalidInput):
+        store.event_docs_after(-1)
