@@ -1,20 +1,29 @@
 """The backplane's ``ControllerHooks`` on the real store, with detection and live fan-out.
 
-Ack path (``commit_batch``): the batch is committed by ``store.ingest_batch`` in a worker
-thread, every event is offered to the live hub (which never blocks), and the batch is put on
-a bounded detection queue. Only then does the backplane send the ACK. Detection runs in its
-own task, off the ack path, so a slow rule set delays alerts, not acks; but when the queue is
-full ``commit_batch`` *waits*, so a stored event is never skipped by detection: a detection
-backlog slows the sensors down (they keep a small window of unacked batches) instead.
+Ack path (``commit_batch``): the batch is committed by ``store.store_batch`` in a worker
+thread, every event is offered to the live hub (which never blocks), and the batch (as the
+JSON text the store wrote) is put on a bounded detection queue. Only then does the backplane
+send the ACK. Detection runs off the ack path, so a slow rule set delays alerts, not acks; but
+when the queue is full ``commit_batch`` *waits*, so a stored event is never skipped by
+detection: a detection backlog slows the sensors down (they keep a small window of unacked
+batches) instead.
 
-The queue is in memory, but detection progress is durable: alerts are written in one
-transaction per round together with the store's detection watermark (the highest event id
-evaluated). On ``start()`` the worker first replays the stored events above the watermark, so
-batches committed but not evaluated before a crash are evaluated after the restart, and
-their alerts are raised once (a round's alerts and its watermark commit together).
+Sigma matching runs in a separate process (``controller.detection.worker``), so storing and
+matching use two cores instead of taking turns on one GIL. The detection task here takes rounds
+of queued batches, hands the worker their stored JSON text (no second serialisation), and
+commits the alerts it answers together with the store's detection watermark (the highest
+event id evaluated) in one transaction, then publishes them. The worker sees every event in
+order and keeps the process cache for alert ancestry; where that cache ends, the store's
+process table completes the chain here. Rule changes (``DetectionEngine.generation``) reach
+the worker before the next round.
 
-Detection and storage overlap: ``commit_batch`` stores in one worker thread while detection
-of earlier batches runs in another (sqlite3 and RE2 release the GIL).
+Exactly once: on ``start()`` the stored events above the watermark (committed but not
+evaluated before a crash) are evaluated first, and a round's alerts commit with its
+watermark. A worker that dies or answers garbage is logged, counted and replaced, and the
+round it had not answered (everything before it is committed: exactly the events above the
+watermark) goes to the new worker. A round that fails two workers in a row is split until
+the one event that does it is found; that event is logged and left unevaluated, so one
+poisonous event cannot stop detection (and through backpressure, ingest).
 
 Host identity always comes from the certificate (the ``host_id`` argument), never from a
 message field. All methods run on the event loop; store calls go to threads because they block.
@@ -25,16 +34,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
+import json
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from backplane.messages import Command, CommandResult, Heartbeat, Hello, Policy
 from certs.enrollment import Enrollment
 from certs.store import PKIStore
-from controller.detection import DetectionEngine, Match
+from controller import ancestry
+from controller.detection import DetectionEngine
+from controller.detection.process import (
+    AlertHit,
+    DetectionProcess,
+    WorkerFailed,
+    describe_exit,
+)
+from controller.detection.worker import dumps
 from controller.live import LiveHub
 from controller.metrics import Metrics
 from controller.store import (
@@ -53,15 +71,15 @@ log = logging.getLogger(__name__)
 # Commands whose success changes the host's recorded isolation state.
 ISOLATION_ACTIONS = {"isolate": True, "unisolate": False}
 
-MAX_ANCESTRY = 32
-PROCESS_CACHE = 200_000  # recent processes per controller, for alert ancestry
-_MERGE_BATCHES = 32  # queued batches evaluated in one worker-thread call
+_MERGE_BATCHES = 32  # queued batches evaluated in one round
+_MERGE_EVENTS = 50_000  # ... unless they hold more events than this
 _REPLAY_CHUNK = 5_000  # stored events read per step when replaying after a restart
 _WATERMARK_EVERY = 1.0  # seconds between watermark-only commits (rounds without alerts)
+_RESTART_DELAY = (0.1, 5.0)  # back-off while a new worker cannot even load its rules
 
 # One unit of detection work: host, the stored id of the first event (ids are consecutive
-# within a batch; 0 when unknown) and the events.
-_Work = tuple[str, int, list[dict[str, Any]]]
+# within a batch; 0 when unknown) and the events as stored (JSON text).
+_Work = tuple[str, int, Sequence[str]]
 
 
 def alert_item(alert: Alert) -> dict[str, Any]:
@@ -113,7 +131,11 @@ class StoreHooks:
         pki: PKIStore | None = None,
         metrics: Metrics | None = None,
         detection_queue: int = 256,
+        worker_argv: Sequence[str] | None = None,
     ) -> None:
+        """``detection`` is the engine the API manages (rules, enable, disable, reload); the
+        worker process loads the same rule set from its ``config()``. ``worker_argv``
+        replaces the worker command (tests)."""
         self.store = store
         self.detection = detection
         self.live = live
@@ -125,23 +147,40 @@ class StoreHooks:
         self._watermark_at = 0.0
         self.replayed = 0  # events re-evaluated from the store at start (after a crash)
         self._replay_done: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
-        # (host, entity_id) → process node; filled from exec/fork events by the detection
-        # worker (one task: no lock needed), so an alert's ancestry does not wait for the
-        # store's background indexer.
-        self._procs: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._replay_through = 0
+        self._task: asyncio.Task[None] | None = None
+        self._worker_argv = worker_argv
+        self._worker: DetectionProcess | None = None
+        self._worker_lock = asyncio.Lock()
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._rounds = itertools.count(1)
+        self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._worker is not None:
+        """Start the detection worker (raises if it cannot load the rules) and the task that
+        feeds it, which first evaluates what an earlier run left unevaluated."""
+        if self._task is not None:
             return
+        self._stopping = False
         self._queue = asyncio.Queue(self._queue_size)
         self._replay_done = asyncio.Event()
-        self._worker = asyncio.create_task(self._detect_loop(), name="edr-detection")
+        # Replay covers what is stored now; batches committed from here on are queued.
+        self._replay_through = await asyncio.to_thread(self.store.last_event_id)
+        try:
+            await self._ensure_worker(retry=False)
+        except BaseException:
+            self._stopping = True  # its watcher must not start another one
+            if self._worker is not None:
+                await self._worker.close(timeout=1.0)
+                self._worker = None
+            raise
+        self._task = asyncio.create_task(self._detect_loop(), name="edr-detection")
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Evaluate what is queued (up to ``timeout`` seconds), then stop the worker."""
-        if self._worker is None or self._queue is None:
+        """Evaluate what is queued (up to ``timeout`` seconds), then stop the task and the
+        worker process."""
+        if self._task is None or self._queue is None:
             return
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
@@ -156,14 +195,29 @@ class StoreHooks:
             except StoreError:
                 log.exception("detection: watermark not saved (those events are evaluated "
                               "again at the next start)")
-        self._worker.cancel()
+        self._stopping = True
+        self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
-        self._worker = None
+            await self._task
+        self._task = None
+        async with self._worker_lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            code = await worker.close()
+            log.info("detection worker %d stopped (%s)", worker.pid, describe_exit(code))
+        for task in list(self._watchers):
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
 
     @property
     def detection_backlog(self) -> int:
         return 0 if self._queue is None else self._queue.qsize()
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The detection worker's process id (``None`` when none is running)."""
+        w = self._worker
+        return w.pid if w is not None and w.alive else None
 
     async def drained(self) -> None:
         """Wait until every committed batch went through detection (tests, benchmark),
@@ -201,8 +255,11 @@ class StoreHooks:
             self.live.published["event"] += len(events)
         if self._queue is None:
             raise RuntimeError("StoreHooks.start() was not called")
+        docs = stored.docs
+        if len(docs) != len(events):  # a store that does not hand its documents back
+            docs = [dumps(ev) for ev in events]
         # Waits when detection is behind: the ack (and so the sensor) waits with it.
-        await self._queue.put((host_id, stored.first_event_id, events))
+        await self._queue.put((host_id, stored.first_event_id, docs))
         return True
 
     async def on_heartbeat(self, host_id: str, heartbeat: Heartbeat) -> None:
@@ -289,17 +346,73 @@ class StoreHooks:
         self.live.publish("host", {"host_id": host_id, "online": False, "reason": reason})
 
     # -- detection ---------------------------------------------------------------------------
+    async def _ensure_worker(self, *, retry: bool = True) -> DetectionProcess:
+        """A running worker with the engine's current rule set: the one there is, or a new
+        one. While new ones fail before answering (they cannot load the rules, cannot start)
+        this keeps trying with a growing delay, unless ``retry`` is false (start-up)."""
+        async with self._worker_lock:
+            delay = 0.0
+            while True:
+                if self._stopping:
+                    raise WorkerFailed("detection is stopping")
+                w = self._worker
+                try:
+                    if w is None or not w.alive:
+                        if w is not None:
+                            w.kill()  # broken but maybe running; its watcher reaps it
+                            self.metrics.detection_worker_restarts += 1
+                        self._worker = None
+                        w = await DetectionProcess.start(self._worker_argv)
+                        self._worker = w
+                        watcher = asyncio.create_task(self._watch(w), name="edr-detection-watch")
+                        self._watchers.add(watcher)
+                        watcher.add_done_callback(self._watchers.discard)
+                    config = self.detection.config()
+                    if w.generation != config.generation:
+                        await w.configure(config)
+                        loaded = len(self.detection.rules)
+                        if w.rules_loaded != loaded:
+                            log.warning("detection worker %d loaded %d rules, the controller "
+                                        "%d (rule files changed in between?)", w.pid,
+                                        w.rules_loaded, loaded)
+                    return w
+                except (WorkerFailed, OSError) as e:
+                    if not retry:
+                        raise RuntimeError(f"detection worker did not start: {e}") from e
+                    delay = min(_RESTART_DELAY[1], max(_RESTART_DELAY[0], delay * 2))
+                    log.error("detection worker did not start: %s; trying again in %.1f s",
+                              e, delay)
+                    await asyncio.sleep(delay)
+
+    async def _watch(self, worker: DetectionProcess) -> None:
+        """Log a worker's death and start the next one (without waiting for work)."""
+        code = await worker.wait()
+        if self._stopping or worker.broken == "closed":
+            return
+        log.error("detection worker %d %s; starting another one (what it had not answered "
+                  "is evaluated again)", worker.pid, worker.broken or describe_exit(code))
+        if worker is self._worker:
+            try:
+                await self._ensure_worker()
+            except Exception:
+                if not self._stopping:
+                    log.exception("detection worker: restart failed (tried again with the "
+                                  "next round)")
+
     async def _detect_loop(self) -> None:
         assert self._queue is not None
         queue = self._queue
         await self._replay()
         while True:
             work = [await queue.get()]
-            while len(work) < _MERGE_BATCHES:
+            events = len(work[0][2])
+            while len(work) < _MERGE_BATCHES and events < _MERGE_EVENTS:
                 try:
-                    work.append(queue.get_nowait())
+                    item = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     break
+                work.append(item)
+                events += len(item[2])
             try:
                 await self._run(work)
             finally:
@@ -308,25 +421,56 @@ class StoreHooks:
 
     async def _run(self, work: list[_Work]) -> None:
         try:
-            alerts = await asyncio.to_thread(self._evaluate, work)
+            hits, errors = await self._evaluate(work)
+            alerts = await asyncio.to_thread(self._commit, work, hits)
         except Exception:  # a store hiccup must not stop detection for later batches
             self.metrics.detection_errors += 1
             log.exception("detection: failed on %d batches", len(work))
             return
+        self.metrics.detection_errors += errors
         for alert in alerts:
             self.metrics.alerts += 1
             self.metrics.rule_hit(alert.rule_id, alert.rule_name)
             self.live.publish("alert", alert_item(alert))
 
+    async def _evaluate(self, work: list[_Work]) -> tuple[list[AlertHit], int]:
+        """The worker's matches for ``work`` and its error count. A failed worker is
+        replaced and the round sent again; a round that fails two workers is split."""
+        for attempt in (1, 2):
+            worker = await self._ensure_worker()
+            try:
+                result = await worker.evaluate(next(self._rounds), work)
+            except WorkerFailed as e:
+                log.error("detection: %s; %s", e, "evaluating its round again" if attempt == 1
+                          else "splitting its round to find the event that does it")
+                continue
+            self.detection.evaluations += result.evaluations
+            return result.alerts, result.errors
+        events = sum(len(docs) for _, _, docs in work)
+        if events <= 1:
+            host_id, first_id, _ = work[0]
+            log.error("detection: event %s of host %s failed two detection workers; it stays "
+                      "stored but is not evaluated", first_id or "(unknown id)", host_id)
+            return [], 1
+        hits: list[AlertHit] = []
+        errors = 0
+        for half in _halves(work):
+            h, e = await self._evaluate(half)
+            hits += h
+            errors += e
+        return hits, errors
+
     async def _replay(self) -> None:
         """Evaluate stored events above the detection watermark (committed, then a crash)."""
         try:
             mark = await asyncio.to_thread(self.store.detection_watermark)
-            while True:
-                rows = await asyncio.to_thread(self.store.events_after, mark, _REPLAY_CHUNK)
+            while mark < self._replay_through:
+                rows = await asyncio.to_thread(self.store.event_docs_after, mark,
+                                               min(_REPLAY_CHUNK, self._replay_through - mark))
+                rows = [r for r in rows if r[0] <= self._replay_through]
                 if not rows:
                     break
-                work: list[_Work] = []
+                work: list[tuple[str, int, list[str]]] = []
                 for event_id, host_id, doc in rows:
                     # Consecutive ids of one host form one unit, like a live batch.
                     last = work[-1] if work else None
@@ -335,7 +479,7 @@ class StoreHooks:
                         last[2].append(doc)
                     else:
                         work.append((host_id, event_id, [doc]))
-                await self._run(work)
+                await self._run(list(work))
                 self.replayed += len(rows)
                 mark = rows[-1][0]
         except Exception:
@@ -347,24 +491,14 @@ class StoreHooks:
             log.warning("detection: re-evaluated %d stored events that were committed but not "
                         "evaluated before the last stop", self.replayed)
 
-    def _evaluate(self, work: list[_Work]) -> list[Alert]:
-        """Match every event, remember processes, store the round's alerts and the detection
-        watermark in one transaction (worker thread)."""
-        match = self.detection.match
-        procs = self._procs
-        drafts: list[AlertDraft] = []
-        through = 0
-        for host_id, first_id, events in work:
-            for i, ev in enumerate(events):
-                meta = ev.get("event")
-                action = meta.get("action") if isinstance(meta, dict) else None
-                if action == "exec" or action == "fork":
-                    self._remember(procs, host_id, ev)
-                for m in match(ev):
-                    drafts.append(self._draft(host_id, m, first_id + i if first_id else None))
-            if first_id and events:
-                through = max(through, first_id + len(events) - 1)
-        through = max(through, self._pending_watermark)
+    def _commit(self, work: list[_Work], hits: list[AlertHit]) -> list[Alert]:
+        """Store a round's alerts and the detection watermark in one transaction (worker
+        thread)."""
+        through = self._pending_watermark
+        for _, first_id, docs in work:
+            if first_id and docs:
+                through = max(through, first_id + len(docs) - 1)
+        drafts = [self._draft(h) for h in hits]
         now = time.monotonic()
         if not drafts and now - self._watermark_at < _WATERMARK_EVERY:
             # Rounds without alerts only need the watermark eventually: re-evaluating them
@@ -390,83 +524,26 @@ class StoreHooks:
         self._watermark_at = now
         return alerts
 
-    @staticmethod
-    def _remember(procs: OrderedDict[tuple[str, str], dict[str, Any]], host_id: str,
-                  ev: Mapping[str, Any]) -> None:
-        # Runs for every exec and fork: plain dicts (as decoded from the wire) skip the
-        # Mapping ABC checks, which cost more than the rest of this method.
-        proc = ev.get("process")
-        if proc.__class__ is not dict and not isinstance(proc, Mapping):
-            return
-        eid = proc.get("entity_id")
-        if eid.__class__ is not str and not isinstance(eid, str):
-            return
-        parent = proc.get("parent")
-        user = ev.get("user")
-        key = (host_id, eid)
-        procs[key] = {
-            "entity_id": eid,
-            "pid": proc.get("pid"),
-            "executable": proc.get("executable"),
-            "command_line": proc.get("command_line"),
-            "user": (user.get("name") if user.__class__ is dict or isinstance(user, Mapping)
-                     else None),
-            "parent_entity_id": (parent.get("entity_id") if parent.__class__ is dict
-                                 or isinstance(parent, Mapping) else None),
-        }
-        procs.move_to_end(key)
-        if len(procs) > PROCESS_CACHE:
-            procs.popitem(last=False)
-
-    def _draft(self, host_id: str, m: Match, event_id: int | None) -> AlertDraft:
+    def _draft(self, hit: AlertHit) -> AlertDraft:
+        # The stdlib decoder: exact for what orjson rounds or refuses (alerts are rare).
+        walk = ancestry.Walk(json.loads(hit.chain), hit.pending, hit.seen,
+                             None if hit.stub is None else json.loads(hit.stub))
         return AlertDraft(
-            rule_id=m.rule_id,
-            rule_name=m.title,
-            severity=m.level,
-            host_id=host_id,
-            event=m.event,
-            event_id=event_id,
-            ancestry=self.ancestry(host_id, m.event),
+            rule_id=hit.rule_id,
+            rule_name=hit.title,
+            severity=hit.level,
+            host_id=hit.host_id,
+            event=json.loads(hit.doc),
+            event_id=hit.event_id,
+            ancestry=ancestry.finish(walk, hit.host_id, self.store),
         )
 
-    def ancestry(self, host_id: str, ev: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The event's process ancestors, nearest first: recent processes seen by this
-        controller, then the store's process table, then the parent the event names."""
-        proc = ev.get("process")
-        if not isinstance(proc, Mapping):
-            return []
-        parent = proc.get("parent")
-        parent = parent if isinstance(parent, Mapping) else {}
-        chain: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        if isinstance(proc.get("entity_id"), str):
-            seen.add(proc["entity_id"])
-        eid = parent.get("entity_id")
-        while isinstance(eid, str) and eid not in seen and len(chain) < MAX_ANCESTRY:
-            seen.add(eid)
-            node = self._procs.get((host_id, eid))
-            if node is None:
-                chain += self._stored_ancestry(host_id, eid, seen, MAX_ANCESTRY - len(chain))
-                break
-            chain.append({k: v for k, v in node.items() if k != "parent_entity_id"})
-            eid = node["parent_entity_id"]
-        if not chain and parent:
-            chain.append({k: parent.get(k) for k in ("entity_id", "pid", "executable",
-                                                     "command_line")})
-        return chain
 
-    def _stored_ancestry(self, host_id: str, eid: str, seen: set[str], room: int
-                         ) -> list[dict[str, Any]]:
-        try:
-            tree = self.store.process_tree(host_id, eid)
-        except StoreError:
-            return []
-        out = []
-        for node in [tree.process, *tree.ancestors][:room]:
-            if node.entity_id in seen and node is not tree.process:
-                break
-            seen.add(node.entity_id)
-            out.append({"entity_id": node.entity_id, "pid": node.pid,
-                        "executable": node.executable, "command_line": node.command_line,
-                        "user": node.user})
-        return out
+def _halves(work: list[_Work]) -> tuple[list[_Work], list[_Work]]:
+    if len(work) > 1:
+        k = len(work) // 2
+        return work[:k], work[k:]
+    host_id, first_id, docs = work[0]
+    k = len(docs) // 2
+    return [(host_id, first_id, docs[:k])], [(host_id, first_id + k if first_id else 0,
+                                               docs[k:])]

@@ -66,6 +66,7 @@ class Metrics:
     duplicates: int = 0
     alerts: int = 0
     detection_errors: int = 0
+    detection_worker_restarts: int = 0
     rule_hits: dict[str, int] = field(default_factory=dict)
     rule_names: dict[str, str] = field(default_factory=dict)
     # Per host: events the sensor's outbox dropped (reported with batches, cumulative here)
@@ -94,8 +95,11 @@ class Metrics:
             Family("edr_alerts_total", "Alerts raised by detection.", "counter",
                    [({}, self.alerts)]),
             Family("edr_detection_errors_total",
-                   "Batches or alerts detection failed on (logged).", "counter",
+                   "Batches, events or alerts detection failed on (logged).", "counter",
                    [({}, self.detection_errors)]),
+            Family("edr_detection_worker_restarts_total",
+                   "Detection worker processes replaced after dying or breaking protocol.",
+                   "counter", [({}, self.detection_worker_restarts)]),
             Family("edr_rule_hits_total", "Events matched, per Sigma rule.", "counter",
                    [({"rule_id": rid, "rule": self.rule_names.get(rid, "")}, n)
                     for rid, n in sorted(self.rule_hits.items())]),

