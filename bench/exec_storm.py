@@ -615,7 +615,7 @@ local_events = yes
 write_logs = yes
 log_file = {log}
 log_group = root
-log_format = RAW
+log_format = {log_format}
 flush = INCREMENTAL_ASYNC
 freq = 50
 max_log_file = 0
@@ -656,7 +656,8 @@ class AuditdTracer(Tracer):
     """auditd with one execve rule, run in the foreground (``auditd -n``) per round.
 
     It logs to a private file under the bench's temporary directory (Debian's own settings,
-    but no rotation and no plugins), so the count is exact: records with our key whose
+    log_format ENRICHED as shipped unless ``--auditd-format raw``, but no rotation and no
+    plugins), so the count is exact: records with our key whose
     argv[1] is the round's marker. Lost events are the growth of ``lost`` in ``auditctl -s``.
     CPU is auditd's plus the kauditd kernel thread's. The kernel's audit state (enabled flag,
     backlog limit) is put back as it was after every round.
@@ -664,8 +665,9 @@ class AuditdTracer(Tracer):
 
     name = "auditd"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, log_format: str = "enriched") -> None:
         self.dir = workdir / "auditd"
+        self.log_format = log_format
         self.log = self.dir / "audit.log"
         self.proc: subprocess.Popen[str] | None = None
         self.marker = ""
@@ -694,7 +696,11 @@ class AuditdTracer(Tracer):
             shutil.rmtree(self.dir)
         (self.dir / "plugins").mkdir(parents=True, mode=0o700)
         conf = self.dir / "auditd.conf"
-        conf.write_text(AUDITD_CONF.format(log=self.log, plugins=self.dir / "plugins"))
+        conf.write_text(
+            AUDITD_CONF.format(
+                log=self.log, plugins=self.dir / "plugins", log_format=self.log_format.upper()
+            )
+        )
         conf.chmod(0o600)  # auditd refuses a config others can write
         self._saved = parse_auditctl_status(_auditctl("-s"))
         self.proc = subprocess.Popen(
@@ -823,6 +829,7 @@ class Config:
     sensor_output: str = "file"
     sensor_args: list[str] = field(default_factory=list)
     json_path: Path | None = None
+    auditd_format: str = "enriched"
     results: list[Measurement] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -1025,7 +1032,7 @@ def make_tracers(config: Config, workdir: Path) -> list[Tracer]:
             extra_args=config.sensor_args,
         ),
         "bpftrace": BpftraceTracer,
-        "auditd": lambda: AuditdTracer(workdir),
+        "auditd": lambda: AuditdTracer(workdir, config.auditd_format),
     }
     return [known[name]() for name in config.tracers]
 
@@ -1148,6 +1155,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARG",
         help="extra argument for 'edr-sensor run', repeatable (--sensor-arg=--families=process)",
     )
+    p.add_argument(
+        "--auditd-format",
+        choices=("enriched", "raw"),
+        default="enriched",
+        help="auditd's log_format: enriched is what Debian and Ubuntu ship (default); raw "
+        "skips the uid/syscall name lookups",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement here as JSON")
     p.add_argument(
         "--no-execsnoop", action="store_true", help="skip the execsnoop-bpfcc start-up check"
@@ -1177,6 +1191,7 @@ def main(argv: list[str] | None = None) -> int:
         sensor_output=args.sensor_output,
         sensor_args=args.sensor_arg,
         json_path=args.json,
+        auditd_format=args.auditd_format,
     )
 
     def log(msg: str) -> None:
