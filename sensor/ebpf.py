@@ -32,8 +32,10 @@ from typing import Any, ClassVar
 
 from backplane.schema import Action, Event, Family, Tier
 from sensor import procfs
+from sensor.btf import task_offsets
 from sensor.capture import CaptureContext, Source, TierUnavailable, resolve_path
-from sensor.process_table import ProcessInfo
+from sensor.process_table import UNKNOWN, ProcessInfo
+from sensor.ringbuf import RingReader
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,9 @@ COMM_LEN, PATH_LEN = 16, 256
 ARGS_MAX_BYTES, ARGS_MAX_COUNT = 4096, 128
 ARGS_BUF = 2 * ARGS_MAX_BYTES
 
-EXEC_ARGS_TRUNCATED, EXEC_NO_ARGS = 1, 2
+EXEC_ARGS_TRUNCATED, EXEC_NO_ARGS, EXEC_HAVE_AUDIT = 1, 2, 4
+FORK_INTO_CGROUP = 1
+NO_AUDIT_ID = 0xFFFFFFFF  # loginuid / sessionid "unset"
 EXIT_HAVE_CODE, EXIT_HAVE_SIGNAL = 1, 2
 NET_HAVE_LOCAL, NET_HAVE_PEER = 1, 2
 FILE_REPORT, FILE_WATCH = 1, 2
@@ -84,9 +88,10 @@ class EventType(IntEnum):
     LISTEN = 7
     ACCEPT = 8
     FILE_WRITE = 9
+    CGROUP = 10
 
 
-EVENT_TYPE_MAX = 10
+EVENT_TYPE_MAX = 11
 
 
 class FileOp(IntEnum):
@@ -145,7 +150,14 @@ HEADER = Mirror(
 )
 FORK = Mirror(
     "edr_fork_event",
-    (("h", _HEADER_FMT), ("ppid", "I"), ("child_pid", "I"), ("child_start_ticks", "Q")),
+    (
+        ("h", _HEADER_FMT),
+        ("ppid", "I"),
+        ("child_pid", "I"),
+        ("child_start_ticks", "Q"),
+        ("flags", "I"),
+        ("_pad0", "I"),
+    ),
 )
 EXEC = Mirror(
     "edr_exec_event",
@@ -156,6 +168,8 @@ EXEC = Mirror(
         ("args_count", "I"),
         ("args_size", "I"),
         ("cgroup_id", "Q"),
+        ("loginuid", "I"),
+        ("sessionid", "I"),
         ("filename", f"{PATH_LEN}s"),
         ("args", f"{ARGS_BUF}s"),
     ),
@@ -203,12 +217,16 @@ NET = Mirror(
         ("flags", "I"),
     ),
 )
-MIRRORS: tuple[Mirror, ...] = (HEADER, FORK, EXEC, EXIT, CHDIR, FILE, WRITE, NET)
+CGROUP = Mirror(
+    "edr_cgroup_event",
+    (("h", _HEADER_FMT), ("target_pid", "I"), ("root", "i"), ("path", f"{PATH_LEN}s")),
+)
+MIRRORS: tuple[Mirror, ...] = (HEADER, FORK, EXEC, EXIT, CHDIR, FILE, WRITE, NET, CGROUP)
 
 _HEADER_S = HEADER.struct
 _EXEC_FIXED = struct.Struct("<" + "".join(f for n, f in EXEC.fields if n != "args"))
-_FORK_S, _EXIT_S, _CHDIR_S, _FILE_S, _WRITE_S, _NET_S = (
-    m.struct for m in (FORK, EXIT, CHDIR, FILE, WRITE, NET)
+_FORK_S, _EXIT_S, _CHDIR_S, _FILE_S, _WRITE_S, _NET_S, _CGROUP_S = (
+    m.struct for m in (FORK, EXIT, CHDIR, FILE, WRITE, NET, CGROUP)
 )
 
 
@@ -236,6 +254,7 @@ class ForkRecord:
     ppid: int
     child_pid: int
     child_start_ticks: int
+    into_cgroup: bool = False  # clone3(CLONE_INTO_CGROUP): not in its parent's cgroups
 
 
 @dataclass(slots=True)
@@ -246,6 +265,17 @@ class ExecRecord:
     args: list[str] | None  # None: the kernel had no argv (read /proc instead)
     args_truncated: bool
     cgroup_id: int = 0
+    # the audit ids read from the task: (loginuid, sessionid), None for unset; the whole
+    # pair is None when the kernel could not read them (no BTF offsets)
+    audit: tuple[int | None, int | None] | None = None
+
+
+@dataclass(slots=True)
+class CgroupRecord:
+    h: Header
+    target_pid: int
+    root: int
+    path: str
 
 
 @dataclass(slots=True)
@@ -325,13 +355,13 @@ def split_args(buf: bytes, count: int) -> list[str]:
 def decode_fork(raw: bytes) -> ForkRecord:
     _check_size(raw, _FORK_S.size, "fork")
     v = _FORK_S.unpack_from(raw)
-    return ForkRecord(_header(v), v[8], v[9], v[10])
+    return ForkRecord(_header(v), v[8], v[9], v[10], bool(v[11] & FORK_INTO_CGROUP))
 
 
 def decode_exec(raw: bytes) -> ExecRecord:
     _check_size(raw, _EXEC_FIXED.size, "exec")
     v = _EXEC_FIXED.unpack_from(raw)
-    old_pid, flags, count, size, cgroup_id, filename = v[8:14]
+    old_pid, flags, count, size, cgroup_id, loginuid, sessionid, filename = v[8:16]
     if size > ARGS_MAX_BYTES or count > ARGS_MAX_COUNT:
         raise DecodeError(f"exec record claims {count} args in {size} bytes, beyond the bounds")
     _check_size(raw, _EXEC_FIXED.size + size, "exec")
@@ -345,7 +375,21 @@ def decode_exec(raw: bytes) -> ExecRecord:
         args,
         bool(flags & EXEC_ARGS_TRUNCATED),
         cgroup_id,
+        _audit_ids(loginuid, sessionid) if flags & EXEC_HAVE_AUDIT else None,
     )
+
+
+def _audit_ids(loginuid: int, sessionid: int) -> tuple[int | None, int | None]:
+    return (
+        None if loginuid == NO_AUDIT_ID else loginuid,
+        None if sessionid == NO_AUDIT_ID else sessionid,
+    )
+
+
+def decode_cgroup(raw: bytes) -> CgroupRecord:
+    _check_size(raw, _CGROUP_S.size, "cgroup")
+    v = _CGROUP_S.unpack_from(raw)
+    return CgroupRecord(_header(v), v[8], v[9], _cstr(v[10]))
 
 
 def decode_exit(raw: bytes) -> ExitRecord:
@@ -495,6 +539,8 @@ def _on_fork(src: TracepointSource, raw: bytes) -> None:
         raise DecodeError(f"fork record is {len(raw)} bytes, expected at least {_FORK_SIZE}")
     v = _FORK_S.unpack_from(raw)
     child = src.ctx.table.fork(v[8], v[9], v[10])
+    if v[11] & FORK_INTO_CGROUP:
+        src.ctx.table.refresh_container(v[9])
     # the table is fed either way; the exec event carries the parent, so reporting the fork
     # itself is opt-in (it doubled the events of a fork + exec storm)
     if src.ctx.emit_forks and Family.PROCESS in src.enabled:
@@ -524,6 +570,10 @@ def _on_exec(src: TracepointSource, raw: bytes) -> None:
         comm=r.h.comm,
         refresh=False,
         cgroup_id=r.cgroup_id or None,
+        # cgroup moves arrive as CGROUP records (and clone3 into a cgroup is flagged on the
+        # fork), so the container inherited at fork stays right without a /proc read
+        cgroups_tracked=True,
+        loginuid=r.audit[0] if r.audit is not None else UNKNOWN,
     )
     if r.h.pid in src._writes_by_pid:
         src._forget_writes(r.h.pid, cloexec_only=True)
@@ -554,6 +604,12 @@ def _on_exit(src: TracepointSource, raw: bytes) -> None:
         if signal:
             ev["edr"]["exit_signal"] = signal
         src._emit(ev)
+
+
+@handles(EventType.CGROUP)
+def _on_cgroup(src: TracepointSource, raw: bytes) -> None:
+    r = decode_cgroup(raw)
+    src.ctx.table.refresh_container(r.target_pid, r.path)
 
 
 @handles(EventType.CHDIR)
@@ -735,7 +791,21 @@ def bpf_source_text(families: Iterable[Family], tier: Tier) -> tuple[str, list[s
         cflags.append("-DEDR_HAVE_FCHMODAT2=1")
     if tier is Tier.KPROBE:
         cflags.append("-DEDR_KPROBES=1")
+    cflags.extend(f"-D{name}={value}" for name, value in sorted(_task_offsets().items()))
     return _expand_includes(BPF_DIR / "edr.bpf.c"), cflags
+
+
+_TASK_OFFSETS: dict[str, int] | None = None
+
+
+def _task_offsets() -> dict[str, int]:
+    """task_struct offsets from the kernel's BTF, read once per process (it takes ~0.3 s)."""
+    global _TASK_OFFSETS
+    if _TASK_OFFSETS is None:
+        _TASK_OFFSETS = task_offsets()
+        if not _TASK_OFFSETS:
+            log.info("no usable kernel BTF for task_struct: login uids come from /proc")
+    return _TASK_OFFSETS
 
 
 # -- environment -------------------------------------------------------------------------------
@@ -810,6 +880,7 @@ class TracepointSource(Source):
     def __init__(self, ctx: CaptureContext, families: frozenset[Family]) -> None:
         super().__init__(ctx, families)
         self._bpf: Any = None
+        self._ring: RingReader | None = None
         self._batch: list[bytes] = []
         # events built while a batch is processed, handed over together at its end
         self._pending: list[Event] | None = None
@@ -874,7 +945,7 @@ class TracepointSource(Source):
             ) from exc
         try:
             self._fill_maps()
-            self._bpf[b"events"].open_ring_buffer(self._collect)
+            self._ring = RingReader(self._bpf[b"events"].map_fd, RINGBUF_BYTES)
         except Exception:
             self.close()
             raise
@@ -904,33 +975,26 @@ class TracepointSource(Source):
             key.data = data  # a c_char array field takes bytes, zero-filled after
             trie[key] = trie.Leaf(1)
 
-    def _collect(self, _ctx: Any, data: Any, size: int) -> int:
-        # Copy only: the record's memory is returned to the ring when this returns.
-        self._batch.append(ctypes.string_at(data, size))
-        return 0
-
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             with self._lock:
-                if self._bpf is None:
+                ring = self._ring
+                if ring is None:
                     return
-                # No wake-ups for most events: poll returns on a forced wake-up or the timer,
-                # and consume drains what arrived without one.
-                self._bpf.ring_buffer_poll(POLL_MS)
-                self._bpf.ring_buffer_consume()
+                # No wake-ups for most events: the wait ends on a forced wake-up or the
+                # timer, and consume copies out whatever is committed by then.
+                ring.wait(POLL_MS / 1000)
+                ring.consume(self._batch)
             self.process_batch()
             if time.monotonic() - self._last_counters > COUNTER_REFRESH_S:
                 self.counters()
-        with self._lock:
-            if self._bpf is not None:
-                self._bpf.ring_buffer_consume()
-        self.process_batch()
+        self.drain()
 
     def drain(self) -> None:
         """Consume and handle what is in the ring now (tests and shutdown use it)."""
         with self._lock:
-            if self._bpf is not None:
-                self._bpf.ring_buffer_consume()
+            if self._ring is not None:
+                self._ring.consume(self._batch)
         self.process_batch()
 
     def process_batch(self) -> int:
@@ -975,6 +1039,9 @@ class TracepointSource(Source):
                 return
             self._closed = True
             bpf, self._bpf = self._bpf, None
+            ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
         if bpf is not None:
             try:
                 self._read_counters(bpf)

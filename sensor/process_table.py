@@ -27,6 +27,16 @@ EXITED_KEPT = 8192
 CGROUPS_KEPT = 4096
 
 
+class _Unknown:
+    """Marks an argument the tier did not supply (``None`` is a real value: unset)."""
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Any = _Unknown()
+
+
 @dataclass(slots=True)
 class ProcessInfo:
     pid: int
@@ -154,14 +164,19 @@ class ProcessTable:
         ppid: int | None = None,
         refresh: bool = True,
         cgroup_id: int | None = None,
+        loginuid: int | None = UNKNOWN,
+        cgroups_tracked: bool = False,
     ) -> ProcessInfo:
         """A new image in an existing process: entity id is kept, image fields replaced.
 
         Whatever the tier did not pass is read from /proc if the process is still alive.
         ``refresh=False`` is for a tier that tracks cwd itself (inherited at fork, kept by
         chdir events): cwd is then read from /proc only when unknown, and the container comes
-        from ``cgroup_id`` through a cache when the host is cgroup v2 only. The login uid is
-        read when the inherited one is unset (pam_loginuid sets it between fork and exec).
+        from ``cgroup_id`` through a cache when the host is cgroup v2 only, or is kept as
+        inherited at fork when ``cgroups_tracked`` says the tier reports every cgroup move
+        (:meth:`refresh_container`). ``loginuid`` is what the kernel had at exec (``None``:
+        unset); without it the login uid is read from /proc when the inherited one is unset
+        (pam_loginuid sets it between fork and exec).
         """
         info = self.lookup(pid)
         with self._lock:
@@ -186,7 +201,9 @@ class ProcessTable:
                 if cwd is not None:
                     info.cwd = cwd
             alive = True
-            if refresh or cgroup_id is None or not self._cgroup_ids_usable:
+            if not refresh and cgroup_id and self._cgroup_ids_usable:
+                info.container_id = self._container_for(cgroup_id, pid, info.container_id)
+            elif refresh or not cgroups_tracked:
                 text = procfs.cgroups(pid)
                 # root can always read /proc/<pid>/cgroup: no text means the process is gone
                 # (an exec storm's children mostly are by now), so skip the loginuid read too
@@ -194,9 +211,9 @@ class ProcessTable:
                 cid = procfs.container_id_in(text) if text is not None else None
                 if cid is not None:
                     info.container_id = cid
-            else:
-                info.container_id = self._container_for(cgroup_id, pid, info.container_id)
-            if info.loginuid is None and alive:
+            if loginuid is not UNKNOWN:
+                info.loginuid = loginuid
+            elif info.loginuid is None and alive:
                 info.loginuid = procfs.loginuid(pid)
             self._live[pid] = info
             return info
@@ -215,6 +232,27 @@ class ProcessTable:
             self._containers.clear()
         self._containers[cgroup_id] = cid
         return cid
+
+    def refresh_container(self, pid: int, moved_to: str | None = None) -> None:
+        """The process moved to another cgroup (or was born in one): its container changed.
+
+        ``moved_to`` is the destination cgroup's path when the tier knows it: a container id
+        in it is the answer even if the process is gone by now (an exec storm's children
+        are). Otherwise /proc says where the process is; gone, it keeps what it had.
+        """
+        info = self._live.get(pid)
+        if info is None:
+            return
+        cid = procfs.container_id_in(moved_to) if moved_to else None
+        if cid is None:
+            text = procfs.cgroups(pid)
+            if text is None:
+                return
+            cid = procfs.container_id_in(text)
+        with self._lock:
+            if cid != info.container_id:
+                info.container_id = cid
+                info.ecs_cache = None
 
     def exit(self, pid: int, exit_code: int | None = None) -> ProcessInfo:
         info = self.lookup(pid)

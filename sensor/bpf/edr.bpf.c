@@ -6,7 +6,9 @@
  * Emits: whatever the included families emit, all through one ring buffer so that events of
  * every family arrive in the order they were submitted.
  * Caveats: tracepoint programs read only tracepoint arguments and BPF helpers, never kernel
- * struct fields, because the headers BCC compiles against may not match the running kernel.
+ * struct fields by name, because the headers BCC compiles against may not match the running
+ * kernel; the one exception reads task_struct fields at offsets taken from the running
+ * kernel's BTF (sensor/btf.py), passed in as -D constants.
  * BCC rewrites only the main file (tracepoint argument structs, map method calls, program
  * sections), so the loader (sensor/ebpf.py, bpf_source_text) pastes the "*.bpf.c" includes
  * below in place, with #line markers; events.h is a plain include. Compiler line numbers
@@ -112,4 +114,5 @@ BPF_ARRAY(layout_chdir, struct edr_chdir_event, 1);
 BPF_ARRAY(layout_file, struct edr_file_event, 1);
 BPF_ARRAY(layout_write, struct edr_write_event, 1);
 BPF_ARRAY(layout_net, struct edr_net_event, 1);
+BPF_ARRAY(layout_cgroup, struct edr_cgroup_event, 1);
 #endif

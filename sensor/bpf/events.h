@@ -26,7 +26,8 @@ enum edr_event_type {
     EDR_EV_LISTEN = 7,
     EDR_EV_ACCEPT = 8,
     EDR_EV_FILE_WRITE = 9, /* first write through a watched fd (struct edr_write_event) */
-    EDR_EV_MAX = 10,
+    EDR_EV_CGROUP = 10,    /* a task moved to another cgroup (struct edr_cgroup_event) */
+    EDR_EV_MAX = 11,
 };
 
 enum edr_file_op {
@@ -41,6 +42,9 @@ enum edr_file_op {
 /* exec flags */
 #define EDR_EXEC_ARGS_TRUNCATED 1
 #define EDR_EXEC_NO_ARGS 2 /* the enter-side stash was missing: user space reads /proc */
+#define EDR_EXEC_HAVE_AUDIT 4 /* loginuid and sessionid were read from the task (BTF offsets) */
+/* fork flags */
+#define EDR_FORK_INTO_CGROUP 1 /* clone3(CLONE_INTO_CGROUP): the child starts in another cgroup */
 /* exit flags */
 #define EDR_EXIT_HAVE_CODE 1
 #define EDR_EXIT_HAVE_SIGNAL 2
@@ -67,6 +71,8 @@ struct edr_fork_event {
     __u32 ppid;
     __u32 child_pid;
     __u64 child_start_ticks;
+    __u32 flags; /* EDR_FORK_* */
+    __u32 _pad0;
 };
 
 struct edr_exec_event {
@@ -77,6 +83,8 @@ struct edr_exec_event {
     __u32 args_size;
     __u64 cgroup_id; /* cgroup v2 id (bpf_get_current_cgroup_id): user space maps it to a
                       * container id with a cache instead of reading /proc per exec */
+    __u32 loginuid;  /* with EDR_EXEC_HAVE_AUDIT: the audit login uid (-1: unset) */
+    __u32 sessionid; /* with EDR_EXEC_HAVE_AUDIT: the audit session id (-1: unset) */
     char filename[EDR_PATH_LEN];
     char args[EDR_ARGS_BUF]; /* only args_size bytes are submitted */
 };
@@ -132,6 +140,15 @@ struct edr_net_event {
     __u8 daddr[16]; /* remote address */
     __s32 ret;
     __u32 flags;
+};
+
+/* cgroup:cgroup_attach_task: the task is moved (by a write to cgroup.procs or tasks, which
+ * the caller in h did) into another cgroup; user space re-reads its container */
+struct edr_cgroup_event {
+    struct edr_header h;
+    __u32 target_pid; /* the moved task's id */
+    __s32 root;       /* hierarchy id */
+    char path[EDR_PATH_LEN];
 };
 
 /* submitted and dropped (ring buffer reserve failed), per event type, per CPU */

@@ -3,14 +3,20 @@
  * Hooks: sched:sched_process_fork/exec/exit, syscalls:sys_enter_clone/clone3 (to tell threads
  * from processes), sys_enter/exit_execve(at) (argv), sys_enter_exit(_group) and
  * signal:signal_deliver (exit status), sys_enter/exit_(f)chdir.
- * Emits: EDR_EV_FORK, EDR_EV_EXEC, EDR_EV_EXIT, EDR_EV_CHDIR.
+ * cgroup:cgroup_attach_task (container changes: a child inherits its parent's cgroups, so
+ * user space needs to hear only about moves and clone3(CLONE_INTO_CGROUP)).
+ * Emits: EDR_EV_FORK, EDR_EV_EXEC, EDR_EV_EXIT, EDR_EV_CHDIR, EDR_EV_CGROUP.
  * Caveats: argv is bounded (EDR_ARGS_MAX_COUNT strings, EDR_ARGS_MAX_BYTES bytes; beyond that
  * the truncation flag is set). The child's start time is taken at the fork tracepoint, a few
  * microseconds after the kernel's own stamp, so it can differ from /proc's by one tick.
  * Exits are reported once per process (group_dead), not per thread.
+ * The audit login uid and session id are task_struct fields, read with offsets that the
+ * loader takes from the running kernel's BTF (EDR_TASK_LOGINUID_OFF, EDR_TASK_SESSIONID_OFF),
+ * never from the compile-time headers; without them user space reads /proc.
  */
 
 #define EDR_CLONE_THREAD 0x00010000ULL
+#define EDR_CLONE_INTO_CGROUP 0x200000000ULL
 #define EDR_NS_PER_TICK (1000000000ULL / 100) /* USER_HZ (CLK_TCK) is 100 on Linux */
 #define EDR_EXIT_GROUP 4                     /* internal: the code came from exit_group */
 
@@ -30,6 +36,7 @@ BPF_HASH(clone_flags, __u32, __u64, EDR_STASH_ENTRIES);
 BPF_HASH(exit_state, __u32, struct edr_exit_state, EDR_STASH_ENTRIES);
 BPF_HASH(chdir_stash, __u32, struct edr_chdir_event, EDR_STASH_ENTRIES);
 BPF_PERCPU_ARRAY(chdir_scratch, struct edr_chdir_event, 1);
+BPF_PERCPU_ARRAY(cgroup_scratch, struct edr_cgroup_event, 1);
 
 /* -- fork ------------------------------------------------------------------------------- */
 
@@ -59,13 +66,15 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
     __u64 *flags = clone_flags.lookup(&tid);
 
+    struct edr_fork_event ev = {};
     if (flags) {
         int thread = (*flags & EDR_CLONE_THREAD) != 0;
+        if (*flags & EDR_CLONE_INTO_CGROUP)
+            ev.flags |= EDR_FORK_INTO_CGROUP;
         clone_flags.delete(&tid);
         if (thread)
             return 0;
     }
-    struct edr_fork_event ev = {};
     edr_header_fill(&ev.h, EDR_EV_FORK);
     /* the parent process is the caller's tgid, whichever of its threads forked */
     ev.ppid = ev.h.pid;
@@ -150,6 +159,18 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     edr_header_fill(&e->h, EDR_EV_EXEC);
     e->old_pid = old_pid;
     e->cgroup_id = bpf_get_current_cgroup_id();
+    e->loginuid = e->sessionid = 0xffffffff;
+#if defined(EDR_TASK_LOGINUID_OFF) && defined(EDR_TASK_SESSIONID_OFF)
+    {
+        /* an integer, not a struct pointer: BCC must not rewrite this into header offsets */
+        __u64 task = bpf_get_current_task();
+        if (!bpf_probe_read_kernel(&e->loginuid, sizeof(e->loginuid),
+                                   (void *)(task + EDR_TASK_LOGINUID_OFF)) &&
+            !bpf_probe_read_kernel(&e->sessionid, sizeof(e->sessionid),
+                                   (void *)(task + EDR_TASK_SESSIONID_OFF)))
+            e->flags |= EDR_EXEC_HAVE_AUDIT;
+    }
+#endif
     TP_DATA_LOC_READ_STR(e->filename, filename, EDR_PATH_LEN);
     __u32 size = e->args_size;
     if (size > EDR_ARGS_MAX_BYTES)
@@ -280,6 +301,23 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         exit_state.delete(&tgid);
     }
     edr_submit(&ev, sizeof(ev), EDR_EV_EXIT);
+    return 0;
+}
+
+/* -- cgroup moves ---------------------------------------------------------------------- */
+
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+    __u32 zero = 0;
+    struct edr_cgroup_event *e = cgroup_scratch.lookup(&zero);
+
+    if (!e)
+        return 0;
+    edr_header_fill(&e->h, EDR_EV_CGROUP);
+    e->target_pid = args->pid;
+    e->root = args->dst_root;
+    TP_DATA_LOC_READ_STR(e->path, dst_path, EDR_PATH_LEN);
+    edr_submit(e, sizeof(*e), EDR_EV_CGROUP);
     return 0;
 }
 

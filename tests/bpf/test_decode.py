@@ -26,10 +26,22 @@ def header(
 
 
 def exec_record(
-    pid: int, filename: bytes, args: bytes, count: int, flags: int = 0, cgroup_id: int = 0
+    pid: int,
+    filename: bytes,
+    args: bytes,
+    count: int,
+    flags: int = 0,
+    cgroup_id: int = 0,
+    audit: tuple[int, int] = (0xFFFFFFFF, 0xFFFFFFFF),
 ) -> bytes:
-    fixed = struct.pack("<IIIIQ256s", pid, flags, count, len(args), cgroup_id, filename)
+    fixed = struct.pack(
+        "<IIIIQII256s", pid, flags, count, len(args), cgroup_id, *audit, filename
+    )
     return header(EventType.EXEC, pid) + fixed + args
+
+
+def fork_record(parent: int, child: int, ticks: int = 1234, flags: int = 0) -> bytes:
+    return header(EventType.FORK, parent) + struct.pack("<IIQII", parent, child, ticks, flags, 0)
 
 
 def file_record(
@@ -108,7 +120,7 @@ PID, PARENT = 4_000_001, 4_000_000
 
 def test_mirror_sizes_match_the_header_constants() -> None:
     assert ebpf.HEADER.size == 48
-    assert ebpf.EXEC.size == 48 + 24 + 256 + 2 * 4096
+    assert ebpf.EXEC.size == 48 + 32 + 256 + 2 * 4096
     assert ebpf.FILE.size == 48 + 48 + 512
     assert ebpf.WRITE.size == 48 + 16
     assert ebpf.NET.size == 48 + 8 + 32 + 8
@@ -125,7 +137,7 @@ def test_event_type_enum_mirrors_events_h() -> None:
 
 def test_fork_then_exec_then_exit(source) -> None:
     src, events = source
-    src.handle_record(header(EventType.FORK, PARENT) + struct.pack("<IIQ", PARENT, PID, 1234))
+    src.handle_record(fork_record(PARENT, PID))
     args = b"/bin/true\0--marker\0two words\0"
     src.handle_record(exec_record(PID, b"/bin/true", args, 3))
     src.handle_record(header(EventType.EXIT, PID) + struct.pack("<iiII", 3, 0, 1, 0))
@@ -455,7 +467,7 @@ def test_fork_events_are_tracked_but_not_emitted_by_default() -> None:
     ctx = CaptureContext(host={"id": "test-host"}, table=table, emit=events.append)
     assert ctx.emit_forks is False
     src = TracepointSource(ctx, frozenset(Family))
-    src.handle_record(header(EventType.FORK, PARENT) + struct.pack("<IIQ", PARENT, PID, 1234))
+    src.handle_record(fork_record(PARENT, PID))
     assert events == []
     assert table.get(PID) is not None and table.get(PID).ppid == PARENT  # still tracked
     src.handle_record(exec_record(PID, b"/bin/true", b"true\0", 1))
@@ -468,7 +480,7 @@ def test_exec_record_carries_the_cgroup_id() -> None:
     r = ebpf.decode_exec(exec_record(PID, b"/bin/true", b"true\0", 1, cgroup_id=0x1234_5678_9A))
     assert r.cgroup_id == 0x1234_5678_9A
     assert r.filename == "/bin/true" and r.args == ["true"]
-    assert ebpf.EXEC.offsets()["cgroup_id"] == 64 and ebpf.EXEC.offsets()["filename"] == 72
+    assert ebpf.EXEC.offsets()["cgroup_id"] == 64 and ebpf.EXEC.offsets()["filename"] == 80
 
 
 def test_a_ring_batch_is_handed_over_as_one_batch() -> None:
@@ -508,3 +520,56 @@ def test_realpath_cache_expires_so_a_swapped_symlink_is_noticed(tmp_path: Path) 
     for i in range(10):  # bounded
         cache(str(tmp_path / f"missing{i}"))
     assert len(cache._cache) <= 4
+
+
+def test_exec_record_audit_ids_only_with_their_flag() -> None:
+    with_ids = exec_record(PID, b"/bin/true", b"", 0, flags=ebpf.EXEC_HAVE_AUDIT, audit=(1000, 7))
+    assert ebpf.decode_exec(with_ids).audit == (1000, 7)
+    unset = exec_record(PID, b"/bin/true", b"", 0, flags=ebpf.EXEC_HAVE_AUDIT)
+    assert ebpf.decode_exec(unset).audit == (None, None)
+    # no flag: the kernel could not read them, whatever the bytes say
+    assert ebpf.decode_exec(exec_record(PID, b"/bin/true", b"", 0, audit=(5, 5))).audit is None
+
+
+def test_kernel_login_uid_reaches_the_event_without_proc(source, monkeypatch) -> None:
+    src, events = source
+    reads: list[int] = []
+    monkeypatch.setattr(ebpf.procfs, "loginuid", lambda pid: reads.append(pid) or 1)
+    src.ctx.table.fork(PARENT, PID, 1)
+    src.handle_record(
+        exec_record(PID, b"/bin/true", b"true\0", 1, flags=ebpf.EXEC_HAVE_AUDIT, audit=(1000, 3))
+    )
+    assert events[-1]["user"]["audit"] == {"id": "1000"}
+    # unset in the kernel: no audit id, and still no /proc read
+    src.ctx.table.fork(PARENT, PID + 1, 1)
+    src.handle_record(exec_record(PID + 1, b"/bin/true", b"true\0", 1, flags=ebpf.EXEC_HAVE_AUDIT))
+    assert "audit" not in events[-1]["user"]
+    assert reads == []
+
+
+def test_cgroup_move_and_clone_into_cgroup_refresh_the_container(source, monkeypatch) -> None:
+    src, events = source
+    container = "ab" * 32
+    listing = {PID: f"0::/system.slice/docker-{container}.scope\n"}
+    monkeypatch.setattr(ebpf.procfs, "cgroups", lambda pid: listing.get(pid))
+    src.ctx.table.fork(PARENT, PID, 1)
+    src.handle_record(exec_record(PID, b"/bin/sh", b"sh\0", 1))
+    assert "container" not in events[-1]  # inherited: the parent was in none
+    path = f"/system.slice/docker-{container}.scope".encode()
+    src.handle_record(header(EventType.CGROUP, 1) + struct.pack("<Ii256s", PID, 0, path))
+    src.handle_record(exec_record(PID, b"/bin/true", b"true\0", 1))
+    assert events[-1]["container"] == {"id": container}
+    # clone3(CLONE_INTO_CGROUP): the child is read once at fork, then inherits as usual
+    listing[PID + 1] = listing.pop(PID)
+    src.handle_record(fork_record(PARENT, PID + 1, flags=ebpf.FORK_INTO_CGROUP))
+    src.handle_record(exec_record(PID + 1, b"/bin/true", b"true\0", 1))
+    assert events[-1]["container"] == {"id": container}
+    # a record for a process the table does not know, or one already gone: nothing happens
+    src.handle_record(header(EventType.CGROUP, 1) + struct.pack("<Ii256s", 4_100_000, 0, path))
+    assert src.decode_errors == 0 and src.handler_errors == 0
+
+
+def test_truncated_cgroup_record_is_counted(source) -> None:
+    src, _ = source
+    src.handle_record(header(EventType.CGROUP, 1) + b"\0" * 8)
+    assert src.decode_errors == 1

@@ -20,6 +20,7 @@ MAPS = {
     "layout_file": ebpf.FILE,
     "layout_write": ebpf.WRITE,
     "layout_net": ebpf.NET,
+    "layout_cgroup": ebpf.CGROUP,
 }
 
 

@@ -265,3 +265,69 @@ def test_counters_after_activity(sensor) -> None:
     assert c["dropped"] == 0
     assert c["decode_errors"] == 0 and c["handler_errors"] == 0
     assert sensor.source.submitted == c["submitted"]
+
+
+def _cgroup_root_for_test() -> Path:
+    """A hierarchy where the test may create a cgroup: v2 itself, else v1's pids controller."""
+    from sensor import procfs
+
+    if procfs.cgroup_v2_only():
+        return Path("/sys/fs/cgroup")
+    for name in ("pids", "cpu", "memory", "unified"):
+        root = Path("/sys/fs/cgroup") / name
+        if (root / "cgroup.procs").exists():
+            return root
+    pytest.skip("no cgroup hierarchy to create a test cgroup in")
+
+
+def test_login_uid_is_read_from_the_task(sensor, monkeypatch) -> None:
+    from sensor import ebpf, procfs
+
+    if not ebpf._task_offsets():
+        pytest.skip("the kernel has no BTF with task_struct.loginuid: /proc is the source")
+    # /proc must not be what answers: a wrong value there shows up if it is read
+    monkeypatch.setattr(procfs, "loginuid", lambda pid: 1)
+    marker = f"edr-marker-{uuid.uuid4().hex}"
+    # pam_loginuid's step: set the login uid, then exec the session's program
+    p = subprocess.run(
+        ["/bin/sh", "-c", f"echo 4242 > /proc/self/loginuid && exec {TRUE} {marker}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if p.returncode != 0:
+        pytest.skip(f"cannot set a login uid here: {p.stderr.strip()}")
+    execs = sensor.wait_for(
+        lambda e: e["event"]["action"] == "exec" and marker in e["process"].get("args", [])
+    )
+    assert len(execs) == 1
+    assert execs[0]["user"]["audit"] == {"id": "4242"}
+
+
+def test_container_follows_a_cgroup_move(sensor) -> None:
+    container = uuid.uuid4().hex + uuid.uuid4().hex
+    cgroup = _cgroup_root_for_test() / f"edr-test-{os.getpid()}" / container
+    cgroup.mkdir(parents=True)
+    marker = f"edr-marker-{uuid.uuid4().hex}"
+    p = subprocess.Popen(
+        ["/bin/sh", "-c", f"read go; exec {TRUE} {marker}"], stdin=subprocess.PIPE, text=True
+    )
+    try:
+        sensor.wait_for(_action(p.pid, "exec"))  # the shell itself: not in the container yet
+        (cgroup / "cgroup.procs").write_text(str(p.pid))
+        p.communicate("go\n", timeout=10)
+        execs = sensor.wait_for(
+            lambda e: e["event"]["action"] == "exec" and marker in e["process"].get("args", [])
+        )
+        assert len(execs) == 1
+        assert execs[0].get("container") == {"id": container}
+        shell = sensor.find(
+            lambda e: _pid_is(p.pid)(e) and "read go" in " ".join(e["process"].get("args", []))
+        )
+        assert shell and "container" not in shell[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+        cgroup.rmdir()
+        cgroup.parent.rmdir()
