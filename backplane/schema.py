@@ -101,6 +101,15 @@ def iso_timestamp(epoch_ns: int | None = None) -> str:
     return f"{text}.{(ns // 1000) % 1_000_000:06d}Z"
 
 
+# per action: (event.category, event.type, event.action) as plain str values, built once.
+# The lists are shared by every event of the action: treat them as read-only.
+_SKELETONS: dict[Action, tuple[list[str], list[str], str]] = {
+    action: ([family.value], list(types), action.value)
+    for action, (family, types) in _ACTIONS.items()
+}
+_TIER_VALUES: dict[Tier, str] = {tier: tier.value for tier in Tier}
+
+
 def new_event(
     action: Action,
     *,
@@ -109,21 +118,26 @@ def new_event(
     epoch_ns: int | None = None,
     outcome: str | None = None,
 ) -> Event:
-    """The skeleton every event starts from: timestamp, ``event.*``, ``host.*``, tier."""
-    family, types = _ACTIONS[action]
+    """The skeleton every event starts from: timestamp, ``event.*``, ``host.*``, tier.
+
+    ``host`` and the ``event.category``/``event.type`` lists are shared between events, not
+    copied (a sensor builds thousands per second): consumers add fields to an event's own
+    dicts (``event``, ``edr``, ``process``...) and never modify those.
+    """
+    category, types, value = _SKELETONS[action]
     event: dict[str, Any] = {
         "kind": "event",
-        "category": [family.value],
-        "type": list(types),
-        "action": action.value,
+        "category": category,
+        "type": types,
+        "action": value,
     }
     if outcome is not None:
         event["outcome"] = outcome
     return {
         "@timestamp": iso_timestamp(epoch_ns),
         "event": event,
-        "host": dict(host),
-        "edr": {"tier": tier.value, "schema": SCHEMA_VERSION},
+        "host": host,
+        "edr": {"tier": _TIER_VALUES[tier], "schema": SCHEMA_VERSION},
     }
 
 

@@ -44,7 +44,7 @@ TRACEFS = Path("/sys/kernel/tracing")
 GENERIC_HEADERS = Path("/usr/src/edr-bcc-headers")
 
 RINGBUF_BYTES = 16 * 1024 * 1024
-WAKE_EVERY = 64
+WAKE_EVERY = 512
 POLL_MS = 50
 COUNTER_REFRESH_S = 1.0
 
@@ -543,7 +543,7 @@ def _on_fork(src: TracepointSource, raw: bytes) -> None:
         src.ctx.table.refresh_container(v[9])
     # the table is fed either way; the exec event carries the parent, so reporting the fork
     # itself is opt-in (it doubled the events of a fork + exec storm)
-    if src.ctx.emit_forks and Family.PROCESS in src.enabled:
+    if src.ctx.emit_forks and src._process:
         src._emit(src.event(Action.FORK, child, epoch_ns=src.ctx.table.boot_epoch_ns + v[6]))
 
 
@@ -577,7 +577,7 @@ def _on_exec(src: TracepointSource, raw: bytes) -> None:
     )
     if r.h.pid in src._writes_by_pid:
         src._forget_writes(r.h.pid, cloexec_only=True)
-    if Family.PROCESS in src.enabled:
+    if src._process:
         ev = src.event(Action.EXEC, info, epoch_ns=src._epoch(r.h))
         if r.old_pid != r.h.pid:
             ev["process"]["thread"] = {"id": r.old_pid}  # exec from a non-leader thread
@@ -599,7 +599,7 @@ def _on_exit(src: TracepointSource, raw: bytes) -> None:
     info = table.exit(pid, code)
     if pid in src._writes_by_pid:
         src._forget_writes(pid)
-    if Family.PROCESS in src.enabled:
+    if src._process:
         ev = src.event(Action.EXIT, info, epoch_ns=table.boot_epoch_ns + ktime)
         if signal:
             ev["edr"]["exit_signal"] = signal
@@ -885,6 +885,7 @@ class TracepointSource(Source):
         # events built while a batch is processed, handed over together at its end
         self._pending: list[Event] | None = None
         self._realpath = RealpathCache()
+        self._process = Family.PROCESS in self.enabled  # checked per process record
         self._lock = threading.Lock()
         self._closed = False
         self._last_counters = 0.0
@@ -1004,9 +1005,23 @@ class TracepointSource(Source):
             return 0
         pending: list[Event] = []
         self._pending = pending
+        # handle_record's body, inlined: this loop runs for every record
+        by_tag = _BY_TAG
+        self.received += len(batch)
         try:
             for raw in batch:
-                self.handle_record(raw)
+                try:
+                    handler = by_tag.get(int.from_bytes(raw[:4], "little"))
+                    if handler is None:
+                        self._bad_record(raw)
+                    else:
+                        handler(self, raw)
+                except (DecodeError, struct.error) as exc:
+                    self.decode_errors += 1
+                    log.warning("%s: undecodable record of %d bytes: %s", self.name, len(raw), exc)
+                except Exception:
+                    self.handler_errors += 1
+                    log.exception("%s: handling a record failed", self.name)
         finally:
             self._pending = None
             if pending:
@@ -1016,6 +1031,10 @@ class TracepointSource(Source):
                     self.handler_errors += 1
                     log.exception("%s: handing over %d events failed", self.name, len(pending))
         return len(batch)
+
+    def _bad_record(self, raw: bytes) -> None:
+        kind = record_type(raw)  # raises for a record too short to have a tag
+        raise DecodeError(f"record with unknown type tag {kind}")
 
     def handle_record(self, raw: bytes) -> None:
         """Decode and dispatch one raw record; bad records are counted and logged, never fatal."""

@@ -93,6 +93,7 @@ class ProcessTable:
     def __init__(self, host_id: str, boot_ns_to_epoch_ns: int | None = None) -> None:
         self._host_id = host_id
         self._boot_id = procfs.boot_id()
+        self._id_prefix = f"{host_id}:{self._boot_id}:".encode()
         self._live: dict[int, ProcessInfo] = {}
         self._exited: OrderedDict[int, ProcessInfo] = OrderedDict()
         self._lock = threading.Lock()
@@ -108,9 +109,8 @@ class ProcessTable:
 
     def entity_id(self, pid: int, start_ticks: int) -> str:
         """Stable across the process's life, unique across pid reuse, reboots and hosts."""
-        digest = hashlib.sha256(
-            f"{self._host_id}:{self._boot_id}:{pid}:{start_ticks}".encode()
-        ).digest()
+        # sha256("<host>:<boot id>:<pid>:<start ticks>"): the prefix is encoded once
+        digest = hashlib.sha256(b"%s%d:%d" % (self._id_prefix, pid, start_ticks)).digest()
         return base64.urlsafe_b64encode(digest[:18]).decode()
 
     # -- feeding ----------------------------------------------------------------------------
@@ -337,9 +337,9 @@ class ProcessTable:
         The fragment is built once per process state and reused (an exec storm's exit event
         repeats its exec event's fields): it is cached on the ``ProcessInfo`` under a key of
         the fields that change outside ``exec`` (which clears the cache) and the parent's.
-        Each call returns fresh ``process`` and ``process.parent`` dicts, which consumers
-        extend (``hash``, ``thread``); ``user``, ``group`` and ``container`` are shared
-        between the events of one process and must be treated as read-only.
+        Each call returns a fresh ``process`` dict, which consumers extend (``hash``,
+        ``thread``, ``exit_code``); ``process.parent``, ``user``, ``group`` and ``container``
+        are shared between the events of one process and must be treated as read-only.
         """
         parent = self.get(info.ppid) if info.ppid else None
         key = (
@@ -360,7 +360,6 @@ class ProcessTable:
             info.ecs_cache = cached
         fields = dict(cached[1])
         proc = fields["process"] = dict(fields["process"])
-        proc["parent"] = dict(proc["parent"])
         # these two change after the fragment is built (the writer learns the hash, exit
         # sets the code) and are added per call instead of invalidating it
         if info.sha256:
