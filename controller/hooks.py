@@ -152,6 +152,8 @@ class StoreHooks:
         self._worker_argv = worker_argv
         self._worker: DetectionProcess | None = None
         self._worker_lock = asyncio.Lock()
+        # commit + enqueue as one step, so the queue holds batches in event-id order (below)
+        self._commit_lock = asyncio.Lock()
         self._watchers: set[asyncio.Task[None]] = set()
         self._rounds = itertools.count(1)
         self._stopping = False
@@ -238,6 +240,18 @@ class StoreHooks:
         self.live.publish("host", {**dataclasses.asdict(host), "peer": peer})
 
     async def commit_batch(
+        self, host_id: str, seq: int, events: list[dict[str, Any]], dropped: int
+    ) -> bool:
+        # Serialised from commit to enqueue: the detection watermark says "every event up to
+        # here was evaluated", which holds only if batches reach detection in the order the
+        # store gave them ids. Two sessions committing at once could otherwise enqueue the
+        # later ids first, a round could set the watermark past the earlier batch, and a
+        # crash before that batch's round would leave it below the watermark, never evaluated.
+        # (SQLite takes one writer at a time anyway; the wait for a full queue is shared too.)
+        async with self._commit_lock:
+            return await self._commit_in_order(host_id, seq, events, dropped)
+
+    async def _commit_in_order(
         self, host_id: str, seq: int, events: list[dict[str, Any]], dropped: int
     ) -> bool:
         stored = await asyncio.to_thread(self.store.store_batch, host_id, seq, events, dropped)

@@ -439,3 +439,44 @@ def test_clean_stop_leaves_no_process(tmp_path: Path) -> None:
         store.close()
 
     asyncio.run(scenario())
+
+
+def test_concurrent_sessions_reach_detection_in_commit_order(tmp_path: Path) -> None:
+    """A batch that commits first but whose session is slow to resume must still reach
+    detection before a later batch: otherwise a round could move the watermark past it and
+    a crash before its own round would leave it unevaluated for good."""
+
+    async def scenario() -> None:
+        hooks, store, _sub = await started(tmp_path / "c.db")
+        await hooks.on_hello(
+            "h2", Hello(PROTOCOL_VERSION, "1", "h2", "Linux", "6", {}, [], -1), "peer"
+        )
+        real_store = store.store_batch
+
+        def committed_then_slow(host_id: str, *args: Any) -> Any:
+            out = real_store(host_id, *args)
+            if host_id == HOST:
+                time.sleep(0.3)  # committed (lower ids), but its session resumes last
+            return out
+
+        store.store_batch = committed_then_slow  # type: ignore[method-assign]
+        assert hooks._queue is not None
+        real_put = hooks._queue.put
+        order: list[int] = []
+
+        async def recording_put(item: Any) -> None:
+            order.append(item[1])  # the batch's first event id
+            await real_put(item)
+
+        hooks._queue.put = recording_put  # type: ignore[method-assign]
+        first = asyncio.create_task(hooks.commit_batch(HOST, 1, batch(1), 0))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(hooks.commit_batch("h2", 1, batch(2), 0))
+        assert await first and await second
+        assert len(order) == 2 and order == sorted(order)
+        await asyncio.wait_for(hooks.drained(), 20)
+        assert hooks.metrics.alerts == 2
+        await hooks.stop()
+        store.close()
+
+    asyncio.run(scenario())
