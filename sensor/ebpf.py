@@ -57,9 +57,9 @@ COMM_LEN, PATH_LEN = 16, 256
 ARGS_MAX_BYTES, ARGS_MAX_COUNT = 4096, 128
 ARGS_BUF = 2 * ARGS_MAX_BYTES
 
-EXEC_ARGS_TRUNCATED, EXEC_NO_ARGS, EXEC_HAVE_AUDIT = 1, 2, 4
+EXEC_ARGS_TRUNCATED, EXEC_NO_ARGS, EXEC_HAVE_LOGINUID = 1, 2, 4
 FORK_INTO_CGROUP = 1
-NO_AUDIT_ID = 0xFFFFFFFF  # loginuid / sessionid "unset"
+NO_LOGINUID = 0xFFFFFFFF  # the kernel's "unset"
 EXIT_HAVE_CODE, EXIT_HAVE_SIGNAL = 1, 2
 NET_HAVE_LOCAL, NET_HAVE_PEER = 1, 2
 FILE_REPORT, FILE_WATCH = 1, 2
@@ -169,7 +169,7 @@ EXEC = Mirror(
         ("args_size", "I"),
         ("cgroup_id", "Q"),
         ("loginuid", "I"),
-        ("sessionid", "I"),
+        ("_pad1", "I"),
         ("filename", f"{PATH_LEN}s"),
         ("args", f"{ARGS_BUF}s"),
     ),
@@ -265,9 +265,9 @@ class ExecRecord:
     args: list[str] | None  # None: the kernel had no argv (read /proc instead)
     args_truncated: bool
     cgroup_id: int = 0
-    # the audit ids read from the task: (loginuid, sessionid), None for unset; the whole
-    # pair is None when the kernel could not read them (no BTF offsets)
-    audit: tuple[int | None, int | None] | None = None
+    # the audit login uid read from the task, None when unset; UNKNOWN when the kernel could
+    # not read it (no BTF offset): then user space reads /proc
+    loginuid: int | None = UNKNOWN
 
 
 @dataclass(slots=True)
@@ -361,7 +361,7 @@ def decode_fork(raw: bytes) -> ForkRecord:
 def decode_exec(raw: bytes) -> ExecRecord:
     _check_size(raw, _EXEC_FIXED.size, "exec")
     v = _EXEC_FIXED.unpack_from(raw)
-    old_pid, flags, count, size, cgroup_id, loginuid, sessionid, filename = v[8:16]
+    old_pid, flags, count, size, cgroup_id, loginuid, _pad, filename = v[8:16]
     if size > ARGS_MAX_BYTES or count > ARGS_MAX_COUNT:
         raise DecodeError(f"exec record claims {count} args in {size} bytes, beyond the bounds")
     _check_size(raw, _EXEC_FIXED.size + size, "exec")
@@ -375,14 +375,9 @@ def decode_exec(raw: bytes) -> ExecRecord:
         args,
         bool(flags & EXEC_ARGS_TRUNCATED),
         cgroup_id,
-        _audit_ids(loginuid, sessionid) if flags & EXEC_HAVE_AUDIT else None,
-    )
-
-
-def _audit_ids(loginuid: int, sessionid: int) -> tuple[int | None, int | None]:
-    return (
-        None if loginuid == NO_AUDIT_ID else loginuid,
-        None if sessionid == NO_AUDIT_ID else sessionid,
+        (None if loginuid == NO_LOGINUID else loginuid)
+        if flags & EXEC_HAVE_LOGINUID
+        else UNKNOWN,
     )
 
 
@@ -573,7 +568,7 @@ def _on_exec(src: TracepointSource, raw: bytes) -> None:
         # cgroup moves arrive as CGROUP records (and clone3 into a cgroup is flagged on the
         # fork), so the container inherited at fork stays right without a /proc read
         cgroups_tracked=True,
-        loginuid=r.audit[0] if r.audit is not None else UNKNOWN,
+        loginuid=r.loginuid,
     )
     if r.h.pid in src._writes_by_pid:
         src._forget_writes(r.h.pid, cloexec_only=True)
@@ -1005,23 +1000,8 @@ class TracepointSource(Source):
             return 0
         pending: list[Event] = []
         self._pending = pending
-        # handle_record's body, inlined: this loop runs for every record
-        by_tag = _BY_TAG
-        self.received += len(batch)
         try:
-            for raw in batch:
-                try:
-                    handler = by_tag.get(int.from_bytes(raw[:4], "little"))
-                    if handler is None:
-                        self._bad_record(raw)
-                    else:
-                        handler(self, raw)
-                except (DecodeError, struct.error) as exc:
-                    self.decode_errors += 1
-                    log.warning("%s: undecodable record of %d bytes: %s", self.name, len(raw), exc)
-                except Exception:
-                    self.handler_errors += 1
-                    log.exception("%s: handling a record failed", self.name)
+            self._handle(batch)
         finally:
             self._pending = None
             if pending:
@@ -1032,25 +1012,26 @@ class TracepointSource(Source):
                     log.exception("%s: handing over %d events failed", self.name, len(pending))
         return len(batch)
 
-    def _bad_record(self, raw: bytes) -> None:
-        kind = record_type(raw)  # raises for a record too short to have a tag
-        raise DecodeError(f"record with unknown type tag {kind}")
-
     def handle_record(self, raw: bytes) -> None:
         """Decode and dispatch one raw record; bad records are counted and logged, never fatal."""
-        self.received += 1
-        try:
-            kind = record_type(raw)
-            handler = _BY_TAG.get(kind)
-            if handler is None:
-                raise DecodeError(f"record with unknown type tag {kind}")
-            handler(self, raw)
-        except (DecodeError, struct.error) as exc:
-            self.decode_errors += 1
-            log.warning("%s: undecodable record of %d bytes: %s", self.name, len(raw), exc)
-        except Exception:
-            self.handler_errors += 1
-            log.exception("%s: handling a record failed", self.name)
+        self._handle([raw])
+
+    def _handle(self, records: list[bytes]) -> None:
+        # one loop over a whole batch: the per-record work stays inside it
+        by_tag = _BY_TAG
+        self.received += len(records)
+        for raw in records:
+            try:
+                handler = by_tag.get(record_type(raw))
+                if handler is None:
+                    raise DecodeError(f"record with unknown type tag {record_type(raw)}")
+                handler(self, raw)
+            except (DecodeError, struct.error) as exc:
+                self.decode_errors += 1
+                log.warning("%s: undecodable record of %d bytes: %s", self.name, len(raw), exc)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("%s: handling a record failed", self.name)
 
     def close(self) -> None:
         with self._lock:

@@ -58,7 +58,6 @@ class RingReader:
             raise RingBufferError(exc.errno, f"cannot map the ring buffer: {exc.strerror}") from exc
         self._fd = map_fd
         self._epoll: select.epoll | None = None  # made on the first wait
-        self.busy_stops = 0  # passes that ended at a record still being written
 
     def wait(self, timeout_s: float) -> None:
         """Block until the kernel wakes the reader or ``timeout_s`` passes."""
@@ -66,10 +65,6 @@ class RingReader:
             self._epoll = select.epoll()
             self._epoll.register(self._fd, select.EPOLLIN)
         self._epoll.poll(timeout_s)  # retried by Python on EINTR (PEP 475)
-
-    def pending(self) -> int:
-        """Bytes between the consumer and producer positions (records and headers)."""
-        return _POS.unpack_from(self._producer, 0)[0] - _POS.unpack_from(self._consumer, 0)[0]
 
     def consume(self, out: list[bytes]) -> int:
         """Append a copy of every committed record to ``out``; returns how many."""
@@ -86,7 +81,6 @@ class RingReader:
             off = base + (cons & mask)
             length = unpack_len(data, off)[0]
             if length & BUSY_BIT:
-                self.busy_stops += 1
                 break
             size = length & ~(BUSY_BIT | DISCARD_BIT)
             if not length & DISCARD_BIT:

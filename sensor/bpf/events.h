@@ -42,7 +42,7 @@ enum edr_file_op {
 /* exec flags */
 #define EDR_EXEC_ARGS_TRUNCATED 1
 #define EDR_EXEC_NO_ARGS 2 /* the enter-side stash was missing: user space reads /proc */
-#define EDR_EXEC_HAVE_AUDIT 4 /* loginuid and sessionid were read from the task (BTF offsets) */
+#define EDR_EXEC_HAVE_LOGINUID 4 /* loginuid was read from the task (BTF offset) */
 /* fork flags */
 #define EDR_FORK_INTO_CGROUP 1 /* clone3(CLONE_INTO_CGROUP): the child starts in another cgroup */
 /* exit flags */
@@ -83,8 +83,8 @@ struct edr_exec_event {
     __u32 args_size;
     __u64 cgroup_id; /* cgroup v2 id (bpf_get_current_cgroup_id): user space maps it to a
                       * container id with a cache instead of reading /proc per exec */
-    __u32 loginuid;  /* with EDR_EXEC_HAVE_AUDIT: the audit login uid (-1: unset) */
-    __u32 sessionid; /* with EDR_EXEC_HAVE_AUDIT: the audit session id (-1: unset) */
+    __u32 loginuid; /* with EDR_EXEC_HAVE_LOGINUID: the audit login uid (-1: unset) */
+    __u32 _pad1;
     char filename[EDR_PATH_LEN];
     char args[EDR_ARGS_BUF]; /* only args_size bytes are submitted */
 };

@@ -10,9 +10,9 @@
  * the truncation flag is set). The child's start time is taken at the fork tracepoint, a few
  * microseconds after the kernel's own stamp, so it can differ from /proc's by one tick.
  * Exits are reported once per process (group_dead), not per thread.
- * The audit login uid and session id are task_struct fields, read with offsets that the
- * loader takes from the running kernel's BTF (EDR_TASK_LOGINUID_OFF, EDR_TASK_SESSIONID_OFF),
- * never from the compile-time headers; without them user space reads /proc.
+ * The audit login uid is a task_struct field, read at the offset the loader takes from the
+ * running kernel's BTF (EDR_TASK_LOGINUID_OFF), never from the compile-time headers; without
+ * it user space reads /proc.
  */
 
 #define EDR_CLONE_THREAD 0x00010000ULL
@@ -159,16 +159,15 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     edr_header_fill(&e->h, EDR_EV_EXEC);
     e->old_pid = old_pid;
     e->cgroup_id = bpf_get_current_cgroup_id();
-    e->loginuid = e->sessionid = 0xffffffff;
-#if defined(EDR_TASK_LOGINUID_OFF) && defined(EDR_TASK_SESSIONID_OFF)
+    e->loginuid = 0xffffffff;
+    e->_pad1 = 0;
+#ifdef EDR_TASK_LOGINUID_OFF
     {
         /* an integer, not a struct pointer: BCC must not rewrite this into header offsets */
         __u64 task = bpf_get_current_task();
         if (!bpf_probe_read_kernel(&e->loginuid, sizeof(e->loginuid),
-                                   (void *)(task + EDR_TASK_LOGINUID_OFF)) &&
-            !bpf_probe_read_kernel(&e->sessionid, sizeof(e->sessionid),
-                                   (void *)(task + EDR_TASK_SESSIONID_OFF)))
-            e->flags |= EDR_EXEC_HAVE_AUDIT;
+                                   (void *)(task + EDR_TASK_LOGINUID_OFF)))
+            e->flags |= EDR_EXEC_HAVE_LOGINUID;
     }
 #endif
     TP_DATA_LOC_READ_STR(e->filename, filename, EDR_PATH_LEN);

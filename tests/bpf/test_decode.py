@@ -13,7 +13,7 @@ from backplane.schema import Family, Tier
 from sensor import ebpf
 from sensor.capture import CaptureContext
 from sensor.ebpf import EventType, FileOp, TracepointSource
-from sensor.process_table import ProcessTable
+from sensor.process_table import UNKNOWN, ProcessTable
 
 HDR = ebpf.HEADER.struct
 BOOT_EPOCH = 1_700_000_000 * 10**9
@@ -32,10 +32,10 @@ def exec_record(
     count: int,
     flags: int = 0,
     cgroup_id: int = 0,
-    audit: tuple[int, int] = (0xFFFFFFFF, 0xFFFFFFFF),
+    loginuid: int = 0xFFFFFFFF,
 ) -> bytes:
     fixed = struct.pack(
-        "<IIIIQII256s", pid, flags, count, len(args), cgroup_id, *audit, filename
+        "<IIIIQII256s", pid, flags, count, len(args), cgroup_id, loginuid, 0, filename
     )
     return header(EventType.EXEC, pid) + fixed + args
 
@@ -522,13 +522,13 @@ def test_realpath_cache_expires_so_a_swapped_symlink_is_noticed(tmp_path: Path) 
     assert len(cache._cache) <= 4
 
 
-def test_exec_record_audit_ids_only_with_their_flag() -> None:
-    with_ids = exec_record(PID, b"/bin/true", b"", 0, flags=ebpf.EXEC_HAVE_AUDIT, audit=(1000, 7))
-    assert ebpf.decode_exec(with_ids).audit == (1000, 7)
-    unset = exec_record(PID, b"/bin/true", b"", 0, flags=ebpf.EXEC_HAVE_AUDIT)
-    assert ebpf.decode_exec(unset).audit == (None, None)
-    # no flag: the kernel could not read them, whatever the bytes say
-    assert ebpf.decode_exec(exec_record(PID, b"/bin/true", b"", 0, audit=(5, 5))).audit is None
+def test_exec_record_login_uid_only_with_its_flag() -> None:
+    have = ebpf.EXEC_HAVE_LOGINUID
+    read = ebpf.decode_exec(exec_record(PID, b"/x", b"", 0, flags=have, loginuid=1000))
+    assert read.loginuid == 1000
+    assert ebpf.decode_exec(exec_record(PID, b"/x", b"", 0, flags=have)).loginuid is None
+    # no flag: the kernel could not read it, whatever the bytes say
+    assert ebpf.decode_exec(exec_record(PID, b"/x", b"", 0, loginuid=5)).loginuid is UNKNOWN
 
 
 def test_kernel_login_uid_reaches_the_event_without_proc(source, monkeypatch) -> None:
@@ -537,12 +537,14 @@ def test_kernel_login_uid_reaches_the_event_without_proc(source, monkeypatch) ->
     monkeypatch.setattr(ebpf.procfs, "loginuid", lambda pid: reads.append(pid) or 1)
     src.ctx.table.fork(PARENT, PID, 1)
     src.handle_record(
-        exec_record(PID, b"/bin/true", b"true\0", 1, flags=ebpf.EXEC_HAVE_AUDIT, audit=(1000, 3))
+        exec_record(PID, b"/bin/true", b"true\0", 1, flags=ebpf.EXEC_HAVE_LOGINUID, loginuid=1000)
     )
     assert events[-1]["user"]["audit"] == {"id": "1000"}
     # unset in the kernel: no audit id, and still no /proc read
     src.ctx.table.fork(PARENT, PID + 1, 1)
-    src.handle_record(exec_record(PID + 1, b"/bin/true", b"true\0", 1, flags=ebpf.EXEC_HAVE_AUDIT))
+    src.handle_record(
+        exec_record(PID + 1, b"/bin/true", b"true\0", 1, flags=ebpf.EXEC_HAVE_LOGINUID)
+    )
     assert "audit" not in events[-1]["user"]
     assert reads == []
 
