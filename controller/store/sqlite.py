@@ -464,6 +464,27 @@ _FTS_WANTED = (
 )
 
 
+def _newest_first(
+    select: str,
+    where: list[str],
+    params: list[Any],
+    time_column: str,
+    since: float | None,
+    before_id: int | None,
+) -> str:
+    """``select`` filtered by ``where`` plus the shared ``since``/``before_id`` paging
+    filters (appended to ``params``), newest first; the caller binds the limit last."""
+    if since is not None:
+        where.append(f"{time_column} >= ?")
+        params.append(_check_time(since, "since"))
+    if before_id is not None:
+        where.append("id < ?")
+        params.append(_check_id(before_id, "before_id"))
+    if where:
+        select += " WHERE " + " AND ".join(where)
+    return select + " ORDER BY id DESC LIMIT ?"
+
+
 class SQLiteStore:
     """``Store`` on one SQLite file. See the module docstring for threading and durability."""
 
@@ -1558,19 +1579,11 @@ class SQLiteStore:
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(_check_name(value, column))
-        if since is not None:
-            where.append("created_at >= ?")
-            params.append(_check_time(since, "since"))
-        if before_id is not None:
-            where.append("id < ?")
-            params.append(_check_id(before_id, "before_id"))
-        sql = f"SELECT {_ALERT_COLS} FROM alerts"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
+        sql = _newest_first(
+            f"SELECT {_ALERT_COLS} FROM alerts", where, params, "created_at", since, before_id
+        )
         with self._reading() as c:
-            return [_alert(r) for r in c.execute(sql, params)]
+            return [_alert(r) for r in c.execute(sql, [*params, limit])]
 
     def triage_alert(
         self,
@@ -1897,16 +1910,8 @@ class SQLiteStore:
         if action is not None:
             where.append("action = ?")
             params.append(_check_name(action, "action"))
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(_check_time(since, "since"))
-        if before_id is not None:
-            where.append("id < ?")
-            params.append(_check_id(before_id, "before_id"))
-        sql = f"SELECT {_AUDIT_COLS} FROM audit_log"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
+        sql = _newest_first(
+            f"SELECT {_AUDIT_COLS} FROM audit_log", where, params, "ts", since, before_id
+        )
         with self._reading() as c:
-            return [_audit(r) for r in c.execute(sql, params)]
+            return [_audit(r) for r in c.execute(sql, [*params, limit])]
