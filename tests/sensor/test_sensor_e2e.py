@@ -44,7 +44,9 @@ class RunningSensor:
             text = self.output.read_text()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        # The sensor may be mid-write: a last line without its newline is not complete yet.
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 10.0) -> Event:
         deadline = time.monotonic() + timeout
