@@ -403,9 +403,11 @@ def _insert_events(c: sqlite3.Connection, batch_id: int, rows: list[tuple[Any, .
 
 # Process ancestry is derived from stored exec/fork/exit events by ``index_pending``, in SQL:
 # its random-key index (host, entity id) stays off the ingest path. The parent fields are
-# read from the document only for these events.
+# read from the document only for these events. NOT INDEXED keeps SQLite on the id range: left
+# to itself it read ``events_action_ts`` (every exec, fork and exit ever stored, then a sort),
+# so each call cost more as the table grew.
 _PROCESS_ROWS = (
-    "FROM events WHERE id > ? AND id <= ? AND action IN ('exec', 'fork', 'exit')"
+    "FROM events NOT INDEXED WHERE id > ? AND id <= ? AND action IN ('exec', 'fork', 'exit')"
     " AND entity_id IS NOT NULL"
 )
 _INT_AT = "CASE WHEN json_type(doc, '{0}') = 'integer' THEN json_extract(doc, '{0}') END"
@@ -461,6 +463,12 @@ _FTS_VALUES = (
 _FTS_WANTED = (
     f"({{p}}file_path IS NOT NULL OR ({_FTS_PROC}"
     " AND ({p}command_line IS NOT NULL OR {p}executable IS NOT NULL)))"
+)
+
+_FTS_INSERT = (
+    "INSERT INTO events_fts (rowid, command_line, file_path, executable)"
+    f" SELECT id, {_FTS_VALUES.format(p='')} FROM events"
+    f" WHERE id > ? AND id <= ? AND {_FTS_WANTED.format(p='')}"
 )
 
 
@@ -831,12 +839,7 @@ class SQLiteStore:
             ).fetchone()
             if not count:
                 return 0
-            c.execute(
-                "INSERT INTO events_fts (rowid, command_line, file_path, executable)"
-                f" SELECT id, {_FTS_VALUES.format(p='')} FROM events"
-                f" WHERE id > ? AND id <= ? AND {_FTS_WANTED.format(p='')}",
-                (low, high),
-            )
+            c.execute(_FTS_INSERT, (low, high))
             c.execute(_STUB_PROCESSES, (low, high))
             c.execute(_UPSERT_PROCESSES, (low, high))
             c.execute("UPDATE store_state SET value = ? WHERE key = 'fts_watermark'", (high,))

@@ -9,6 +9,7 @@ import pytest
 
 from backplane.schema import Action
 from controller.store import InvalidInput, NotFound, SQLiteStore
+from controller.store import sqlite as S
 from controller.store.sqlite import _FTS_WANTED
 
 
@@ -361,6 +362,16 @@ def test_process_tree_survives_a_cycle(store: SQLiteStore, make_ev, t0: float) -
     )
     store.index_pending()
     assert [a.entity_id for a in store.process_tree("host-a", "x").ancestors] == ["y"]
+
+
+def test_indexer_reads_only_its_id_range(store: SQLiteStore, make_ev, t0: float) -> None:
+    """The indexer's statements walk the new ids, not an index over every stored event (a
+    plan on ``events_action_ts`` made each call slower as the table grew)."""
+    store.ingest_batch("host-a", 1, [make_ev(Action.EXEC, t0 + i, pid=i) for i in range(50)])
+    store._writer.execute("ANALYZE")  # statistics must not tempt the planner either
+    for sql in (S._FTS_INSERT, S._STUB_PROCESSES, S._UPSERT_PROCESSES):
+        plan = [r[-1] for r in store._writer.execute(f"EXPLAIN QUERY PLAN {sql}", (0, 10))]
+        assert plan == ["SEARCH events USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"], sql
 
 
 # -- retention ----------------------------------------------------------------------------
