@@ -365,14 +365,17 @@ def _audit(row: sqlite3.Row) -> AuditEntry:
 
 _INSERT_EVENT = (
     "INSERT INTO events (batch_id, host_id, ts, category, action, pid, entity_id, executable,"
-    " command_line, file_path, src_ip, src_port, dst_ip, dst_port, user_name, size, doc)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " command_line, file_path, src_ip, src_port, dst_ip, dst_port, user_name, size, doc,"
+    " parent_entity_id, ppid, parent_executable, parent_command_line, exit_code)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_EVENT_COLUMNS = 17
+_EVENT_COLUMNS = 22
+# Events whose process facts (parent, exit code) go to columns for the process table.
+_PROCESS_ACTIONS = frozenset(("exec", "fork", "exit"))
 # Rows per INSERT statement. ``executemany`` steps once per row and the sqlite3 module drops
 # and retakes the GIL around every step; with detection running Python in another thread each
 # retake can wait, so one multi-row statement per chunk (one step, one GIL hand-off) keeps the
-# writer moving. 256 rows x 17 columns stays far below SQLite's 32766 bound parameters.
+# writer moving. 256 rows x 22 columns stays far below SQLite's 32766 bound parameters.
 _ROWS_PER_INSERT = 256
 
 
@@ -402,35 +405,30 @@ def _insert_events(c: sqlite3.Connection, batch_id: int, rows: list[tuple[Any, .
 
 
 # Process ancestry is derived from stored exec/fork/exit events by ``index_pending``, in SQL:
-# its random-key index (host, entity id) stays off the ingest path. The parent fields are
-# read from the document only for these events. NOT INDEXED keeps SQLite on the id range: left
-# to itself it read ``events_action_ts`` (every exec, fork and exit ever stored, then a sort),
-# so each call cost more as the table grew.
+# its random-key index (host, entity id) stays off the ingest path. The parent and exit code
+# come from columns ``store_batch`` fills for these events only (migration 4), never from
+# the document: json_extract re-parses the JSON text on every call. NOT INDEXED keeps SQLite
+# on the id range: left to itself it read ``events_action_ts`` (every exec, fork and exit ever
+# stored, then a sort), so each call cost more as the table grew.
 _PROCESS_ROWS = (
     "FROM events NOT INDEXED WHERE id > ? AND id <= ? AND action IN ('exec', 'fork', 'exit')"
     " AND entity_id IS NOT NULL"
 )
-_INT_AT = "CASE WHEN json_type(doc, '{0}') = 'integer' THEN json_extract(doc, '{0}') END"
-_TEXT_AT = "CASE WHEN json_type(doc, '{0}') = 'text' THEN json_extract(doc, '{0}') END"
 # What a child event says about its parent only fills gaps; the parent's own events win.
 _STUB_PROCESSES = f"""
 INSERT INTO processes (host_id, entity_id, pid, executable, command_line, last_ts)
-SELECT host_id, {_TEXT_AT.format("$.process.parent.entity_id")},
-       {_INT_AT.format("$.process.parent.pid")},
-       {_TEXT_AT.format("$.process.parent.executable")},
-       {_TEXT_AT.format("$.process.parent.command_line")}, ts
-{_PROCESS_ROWS} AND json_type(doc, '$.process.parent.entity_id') = 'text'
+SELECT host_id, parent_entity_id, ppid, parent_executable, parent_command_line, ts
+{_PROCESS_ROWS} AND parent_entity_id IS NOT NULL
 ORDER BY id
 ON CONFLICT (host_id, entity_id) DO UPDATE SET last_ts = max(last_ts, excluded.last_ts)
 """
 _UPSERT_PROCESSES = f"""
 INSERT INTO processes (host_id, entity_id, pid, parent_entity_id, ppid, executable,
                        command_line, user_name, start_ts, exit_ts, exit_code, last_ts)
-SELECT host_id, entity_id, pid, {_TEXT_AT.format("$.process.parent.entity_id")},
-       {_INT_AT.format("$.process.parent.pid")}, executable, command_line, user_name,
+SELECT host_id, entity_id, pid, parent_entity_id, ppid, executable, command_line, user_name,
        CASE WHEN action = 'exit' THEN NULL ELSE ts END,
        CASE WHEN action = 'exit' THEN ts END,
-       CASE WHEN action = 'exit' THEN {_INT_AT.format("$.process.exit_code")} END,
+       CASE WHEN action = 'exit' THEN exit_code END,
        ts
 {_PROCESS_ROWS}
 ORDER BY id
@@ -699,6 +697,7 @@ class SQLiteStore:
         total = 0
         untimed = 0
         dumps, parse_ts, empty = _dumps, _parse_ts_us, _EMPTY
+        process_actions = _PROCESS_ACTIONS
         for i, ev in enumerate(events):
             if type(ev) is not dict and not isinstance(ev, Mapping):
                 raise InvalidInput(f"event {i} is a {type(ev).__name__}, not a mapping")
@@ -740,6 +739,24 @@ class SQLiteStore:
             v = user.get("name")
             user_name = (v if v.__class__ is str and v.isascii() else _text(v)) or _text(
                 user.get("id"))
+            if action in process_actions and entity_id is not None:
+                v = proc.get("parent")
+                parent = v if v.__class__ is dict else (_dict(v) or empty)
+                v = parent.get("entity_id")
+                parent_id = v if v.__class__ is str and v.isascii() else _text(v)
+                v = parent.get("pid")
+                ppid = v if v.__class__ is int and -_MAX_INT <= v <= _MAX_INT else _int(v)
+                if parent_id is None:
+                    parent_exe = parent_cmd = None
+                else:
+                    v = parent.get("executable")
+                    parent_exe = v if v.__class__ is str and v.isascii() else _text(v)
+                    v = parent.get("command_line")
+                    parent_cmd = v if v.__class__ is str and v.isascii() else _text(v)
+                v = proc.get("exit_code")
+                exit_code = v if v.__class__ is int and -_MAX_INT <= v <= _MAX_INT else _int(v)
+            else:
+                parent_id = ppid = parent_exe = parent_cmd = exit_code = None
             size = len(doc)
             total += size
             docs.append(doc)
@@ -761,6 +778,11 @@ class SQLiteStore:
                     user_name,
                     size,
                     doc,
+                    parent_id,
+                    ppid,
+                    parent_exe,
+                    parent_cmd,
+                    exit_code,
                 )
             )
         with self._write() as c:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,33 @@ def make_ev() -> Any:
 @pytest.fixture
 def t0() -> float:
     return T0
+
+
+# What each migration added, undone: a file rolled back to version N has the layout a
+# controller at schema N left (columns added by ALTER TABLE sit at the end, so dropping them
+# restores the old table exactly).
+_UNDO: dict[int, tuple[str, ...]] = {
+    4: tuple(f"ALTER TABLE events DROP COLUMN {col}" for col in (
+        "parent_entity_id", "ppid", "parent_executable", "parent_command_line", "exit_code")),
+    3: ("DELETE FROM store_state WHERE key = 'detect_watermark'",),
+}
+
+
+def roll_back(path: Path, version: int) -> None:
+    """Turn the closed store file at ``path`` back into a schema ``version`` database."""
+    conn = sqlite3.connect(path)
+    try:
+        current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        for v in range(current, version, -1):
+            for statement in _UNDO[v]:
+                conn.execute(statement)
+            conn.execute("DELETE FROM schema_version WHERE version = ?", (v,))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def rolled_back() -> Any:
+    """``roll_back`` (fixtures, since importlib mode cannot import conftest)."""
+    return roll_back

@@ -10,6 +10,7 @@ import pytest
 
 from backplane.schema import Action
 from controller.store import AlertDraft, InvalidInput, SQLiteStore
+from controller.store.migrations import LATEST_VERSION
 
 
 def draft(host: str = "host-a", **kw: Any) -> AlertDraft:
@@ -93,18 +94,18 @@ def test_create_alerts_rejects_bad_arguments(store: SQLiteStore) -> None:
 
 
 def test_migration_starts_old_stores_with_everything_evaluated(tmp_path: Path, make_ev: Any,
-                                                               t0: float) -> None:
+                                                               t0: float,
+                                                               rolled_back: Any) -> None:
     path = tmp_path / "old.db"
     with SQLiteStore(path) as s:
         s.ingest_batch("host-a", 1, [make_ev(Action.EXEC, t0)] * 4)
     # Roll the file back to schema 2, as a controller before this change left it.
-    conn = sqlite3.connect(path)
-    conn.execute("DELETE FROM store_state WHERE key = 'detect_watermark'")
-    conn.execute("DELETE FROM schema_version WHERE version = 3")
-    conn.commit()
-    conn.close()
+    rolled_back(path, 2)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM store_state"
+                            " WHERE key = 'detect_watermark'").fetchone()[0] == 0
     with SQLiteStore(path) as s:
-        assert s.schema_version() == 3
+        assert s.schema_version() == LATEST_VERSION
         assert s.detection_watermark() == s.events_after(0)[-1][0]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.store import SchemaTooNew, SQLiteStore, StoreError
+from controller.store import NotFound, SchemaTooNew, SQLiteStore, StoreError
 from controller.store.migrations import LATEST_VERSION, MIGRATIONS, Migration, check_order
 
 
@@ -89,3 +89,89 @@ def test_closed_store_refuses_calls(db_path: Path) -> None:
         s.ingest_batch("h", 1, [])
     with pytest.raises(StoreError, match="closed"):
         s.list_hosts()
+
+
+def _processes(s: SQLiteStore) -> list[tuple[object, ...]]:
+    return s._writer.execute("SELECT * FROM processes ORDER BY host_id, entity_id").fetchall()
+
+
+def test_upgrade_to_process_columns_indexes_old_rows(tmp_path: Path, make_ev, t0: float,
+                                                     rolled_back) -> None:
+    """A schema 3 file with events the indexer has not reached: the upgrade copies their
+    process facts out of the documents, so the process table ends up as if every event had
+    been stored by this code."""
+    from backplane.schema import Action
+
+    def parent(pid: object, eid: object, exe: str | None = None,
+               cmd: str | None = None) -> dict[str, object]:
+        p = {"pid": pid, "entity_id": eid, "executable": exe, "command_line": cmd}
+        return {k: v for k, v in p.items() if v is not None}
+
+    def ev(action: Action, at: float, par: dict[str, object] | None = None, **kw: object):
+        e = make_ev(action, at, **kw)
+        if par is not None:
+            e["process"]["parent"] = par
+        return e
+
+    first = [
+        ev(Action.EXEC, t0, pid=10, entity="sshd", exe="/usr/sbin/sshd",
+                par=parent(1, "init", "/sbin/init", "init splash")),
+        ev(Action.FILE_WRITE, t0 + 1, pid=10, entity="sshd", path="/etc/x",
+                par=parent(1, "wrong", "/not/a/process/event")),
+    ]
+    later = [
+        ev(Action.FORK, t0 + 2, pid=20, entity="bash", exe="/usr/sbin/sshd",
+                par=parent(10, "sshd")),
+        ev(Action.EXEC, t0 + 3, pid=20, entity="bash", exe="/usr/bin/bash",
+                par=parent(10, "sshd", "/usr/sbin/sshd", "sshd: alice [priv]")),
+        ev(Action.EXEC, t0 + 4, pid=30, entity="curl", exe="/usr/bin/curl",
+                cmd="curl -o /tmp/é http://x", par=parent(20, "bash", cmd="-bash é")),
+        ev(Action.EXIT, t0 + 5, pid=30, entity="curl", exe="/usr/bin/curl", exit_code=7,
+                par=parent(20, "bash")),
+        # a parent without an entity id names no process; odd types are left empty
+        ev(Action.EXEC, t0 + 6, pid=40, entity="orphan", par=parent(5, None, "/x")),
+        ev(Action.EXEC, t0 + 7, pid=41, entity="odd", par=parent("5", 99, "/y")),
+        ev(Action.EXIT, t0 + 8, pid=41, entity="odd", exit_code=1.5),
+        ev(Action.EXEC, t0 + 9, pid=50, entity="ls", host="host-b",
+                par=parent(2, "unseen", "/usr/bin/zsh", "zsh -l")),
+    ]
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    with SQLiteStore(old) as s:
+        s.ingest_batch("host-a", 1, first)
+        assert s.index_pending() == 2
+        s.ingest_batch("host-a", 2, later[:-1])
+        s.ingest_batch("host-b", 1, later[-1:])
+    rolled_back(old, 3)
+    assert "parent_entity_id" not in {
+        r[1] for r in sqlite3.connect(old).execute("PRAGMA table_info(events)")}
+    with SQLiteStore(new) as s:
+        s.ingest_batch("host-a", 1, first)
+        s.index_pending()
+        s.ingest_batch("host-a", 2, later[:-1])
+        s.ingest_batch("host-b", 1, later[-1:])
+        assert s.index_pending() == len(later)
+        expected = _processes(s)
+    with SQLiteStore(old) as s:
+        assert s.schema_version() == LATEST_VERSION
+        assert s.index_pending() == len(later)
+        assert _processes(s) == expected
+        assert len(s.search_events(text="curl").events) == 1  # full text found the old row
+        bash = s.process_tree("host-a", "bash")
+        assert (bash.process.ppid, bash.process.parent_entity_id) == (10, "sshd")
+        assert [a.entity_id for a in bash.ancestors] == ["sshd", "init"]
+        assert bash.ancestors[1].executable == "/sbin/init"  # the stub, from batch 1
+        assert bash.ancestors[1].command_line == "init splash"
+        curl = s.process_tree("host-a", "curl").process
+        assert (curl.exit_code, curl.exit) == (7, pytest.approx(t0 + 5))
+        assert [c.entity_id for c in bash.children] == ["curl"]
+        odd = s.process_tree("host-a", "odd").process
+        assert (odd.ppid, odd.parent_entity_id, odd.exit_code) == (None, None, None)
+        orphan = s.process_tree("host-a", "orphan").process
+        assert (orphan.ppid, orphan.parent_entity_id) == (5, None)
+        unseen = s.process_tree("host-b", "unseen").process
+        assert (unseen.executable, unseen.command_line, unseen.pid) == (
+            "/usr/bin/zsh", "zsh -l", 2)
+        with pytest.raises(NotFound):
+            s.process_tree("host-a", "wrong")  # named only by a file event
+        # bash's own exec wins over what curl's event says about it
+        assert bash.process.command_line == "/usr/bin/bash"
