@@ -9,8 +9,9 @@ Wiring in the controller (all calls block: run them in an executor thread):
   ``ingest_batch`` per batch and ack only after it returns (``False`` = duplicate, ack too),
   ``record_heartbeat``, ``pending_commands``/``mark_sent``/``record_result``, and
   ``requeue_unacknowledged`` when a sensor's connection drops.
-* one background maintenance thread: loop ``index_pending()`` (full text and process
-  ancestry; sleep ~1 s when it returns 0), ``checkpoint()``, and every few minutes
+* one background maintenance thread: loop ``index_pending(processes=False)`` (full text;
+  sleep ~1 s when it returns 0) with ``fold_processes()`` (process ancestry) in larger
+  batches, ``checkpoint()``, and every few minutes
   ``expire_commands()`` and ``apply_retention(max_age, max_bytes)``.
 """
 

@@ -369,8 +369,14 @@ class Store(Protocol):
         """The highest stored event id (0 when there is none)."""
         ...
 
-    def index_pending(self, max_rows: int = 20_000) -> int:
-        """Index up to ``max_rows`` not-yet-searchable events for full text; returns how many."""
+    def index_pending(self, max_rows: int = 20_000, *, processes: bool = True) -> int:
+        """Index up to ``max_rows`` not-yet-searchable events for full text and (unless
+        ``processes`` is false) fold up to ``max_rows`` events into the process table;
+        returns how many events either job looked at."""
+        ...
+
+    def fold_processes(self, max_rows: int = 50_000) -> int:
+        """Fold up to ``max_rows`` events into the process table only; returns how many."""
         ...
 
     def search_events(

@@ -262,11 +262,19 @@ _PROCESS_COLUMNS = (
       AND action IN ('exec', 'fork', 'exit') AND entity_id IS NOT NULL""",
 )
 
+# The process table's own watermark: folding events into it is the indexer's costliest part
+# per commit (random pages), so it may run in larger, rarer batches than full text.
+_PROCESS_WATERMARK = (
+    "INSERT INTO store_state (key, value)"
+    " VALUES ('process_watermark', (SELECT value FROM store_state WHERE key = 'fts_watermark'))",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _INITIAL),
     Migration(2, "login sessions", _SESSIONS),
     Migration(3, "detection watermark", _DETECTION),
     Migration(4, "process columns on events", _PROCESS_COLUMNS),
+    Migration(5, "process table watermark", _PROCESS_WATERMARK),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -841,38 +841,58 @@ class SQLiteStore:
         with self._reading() as c:
             return int(c.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
 
-    def index_pending(self, max_rows: int = 20_000) -> int:
-        """Make up to ``max_rows`` newly ingested events searchable by full text and fold
-        their exec/fork/exit events into the process ancestry table.
+    def index_pending(self, max_rows: int = 20_000, *, processes: bool = True) -> int:
+        """Make up to ``max_rows`` newly ingested events searchable by full text and (unless
+        ``processes`` is false) fold up to ``max_rows`` exec/fork/exit events into the process
+        ancestry table, in one transaction.
 
         Runs off the ingest path (the controller calls it from a background thread until it
         returns 0); each call is one short write transaction, so ingest interleaves with it.
-        Returns how many events it looked at (0 when caught up).
+        Returns how many events it looked at for either job (0 when both are caught up).
         """
         _check_limit(max_rows, 1_000_000)
         with self._write() as c:
-            low = c.execute("SELECT value FROM store_state WHERE key = 'fts_watermark'").fetchone()[
-                0
-            ]
-            high, count = c.execute(
-                "SELECT max(id), count(*) FROM"
-                " (SELECT id FROM events WHERE id > ? ORDER BY id LIMIT ?)",
-                (low, max_rows),
-            ).fetchone()
-            if not count:
-                return 0
-            c.execute(_FTS_INSERT, (low, high))
-            c.execute(_STUB_PROCESSES, (low, high))
-            c.execute(_UPSERT_PROCESSES, (low, high))
-            c.execute("UPDATE store_state SET value = ? WHERE key = 'fts_watermark'", (high,))
-            return int(count)
+            count = self._advance(c, "fts_watermark", max_rows, (_FTS_INSERT,))
+            if processes:
+                count = max(count, self._advance(c, "process_watermark", max_rows,
+                                                 (_STUB_PROCESSES, _UPSERT_PROCESSES)))
+            return count
+
+    def fold_processes(self, max_rows: int = 50_000) -> int:
+        """Fold up to ``max_rows`` events into the process ancestry table (the part of
+        ``index_pending`` that can wait). Its upserts land on random pages of a table keyed by
+        entity id, so each commit rewrites most of the pages it touches whatever the row
+        count: the maintenance loop calls this for large batches, not every few thousand
+        events. Returns how many events it looked at."""
+        _check_limit(max_rows, 1_000_000)
+        with self._write() as c:
+            return self._advance(c, "process_watermark", max_rows,
+                                 (_STUB_PROCESSES, _UPSERT_PROCESSES))
+
+    @staticmethod
+    def _advance(c: sqlite3.Connection, watermark: str, max_rows: int,
+                 statements: tuple[str, ...]) -> int:
+        """Run ``statements`` over the next ``max_rows`` event ids above ``watermark`` and
+        move it past them."""
+        low = c.execute("SELECT value FROM store_state WHERE key = ?", (watermark,)).fetchone()[0]
+        high, count = c.execute(
+            "SELECT max(id), count(*) FROM"
+            " (SELECT id FROM events WHERE id > ? ORDER BY id LIMIT ?)",
+            (low, max_rows),
+        ).fetchone()
+        if not count:
+            return 0
+        for sql in statements:
+            c.execute(sql, (low, high))
+        c.execute("UPDATE store_state SET value = ? WHERE key = ?", (high, watermark))
+        return int(count)
 
     def pending_index_rows(self) -> int:
-        """How many stored events full-text search cannot see yet."""
+        """How many stored events full-text search or the process table cannot see yet."""
         with self._reading() as c:
             return c.execute(
-                "SELECT count(*) FROM events WHERE id >"
-                " (SELECT value FROM store_state WHERE key = 'fts_watermark')"
+                "SELECT count(*) FROM events WHERE id > (SELECT min(value) FROM store_state"
+                " WHERE key IN ('fts_watermark', 'process_watermark'))"
             ).fetchone()[0]
 
     # -- events: reading ------------------------------------------------------------------

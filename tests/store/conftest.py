@@ -94,6 +94,7 @@ def t0() -> float:
 # controller at schema N left (columns added by ALTER TABLE sit at the end, so dropping them
 # restores the old table exactly).
 _UNDO: dict[int, tuple[str, ...]] = {
+    5: ("DELETE FROM store_state WHERE key = 'process_watermark'",),
     4: tuple(f"ALTER TABLE events DROP COLUMN {col}" for col in (
         "parent_entity_id", "ppid", "parent_executable", "parent_command_line", "exit_code")),
     3: ("DELETE FROM store_state WHERE key = 'detect_watermark'",),

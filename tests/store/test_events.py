@@ -364,6 +364,31 @@ def test_process_tree_survives_a_cycle(store: SQLiteStore, make_ev, t0: float) -
     assert [a.entity_id for a in store.process_tree("host-a", "x").ancestors] == ["y"]
 
 
+def test_process_table_folds_on_its_own_watermark(store: SQLiteStore, make_ev,
+                                                  t0: float) -> None:
+    """Full text can run ahead of the process table (the maintenance loop folds processes in
+    larger batches); the backlog counts until both have seen every event."""
+    store.ingest_batch("host-a", 1, [
+        make_ev(Action.EXEC, t0, pid=2, entity="p", exe="/bin/sh"),
+        make_ev(Action.EXEC, t0 + 1, pid=3, entity="c", cmd="findme", parent=(2, "p")),
+        make_ev(Action.EXIT, t0 + 2, pid=3, entity="c", exit_code=4),
+    ])
+    assert store.index_pending(processes=False) == 3
+    assert len(store.search_events(text="findme").events) == 1
+    with pytest.raises(NotFound):
+        store.process_tree("host-a", "c")
+    assert store.pending_index_rows() == 3
+    assert store.fold_processes(max_rows=2) == 2
+    assert store.process_tree("host-a", "c").process.exit_code is None
+    assert store.pending_index_rows() == 1
+    # the default call catches the process table up even when full text has nothing new
+    assert store.index_pending() == 1
+    assert store.pending_index_rows() == 0
+    tree = store.process_tree("host-a", "c")
+    assert tree.process.exit_code == 4 and [a.entity_id for a in tree.ancestors] == ["p"]
+    assert store.index_pending() == 0 and store.fold_processes() == 0
+
+
 def test_indexer_reads_only_its_id_range(store: SQLiteStore, make_ev, t0: float) -> None:
     """The indexer's statements walk the new ids, not an index over every stored event (a
     plan on ``events_action_ts`` made each call slower as the table grew)."""

@@ -153,6 +153,10 @@ def test_upgrade_to_process_columns_indexes_old_rows(tmp_path: Path, make_ev, t0
         expected = _processes(s)
     with SQLiteStore(old) as s:
         assert s.schema_version() == LATEST_VERSION
+        # the process table's watermark starts where full text stood
+        assert s._writer.execute(
+            "SELECT value FROM store_state WHERE key = 'process_watermark'").fetchone()[0] == 2
+        assert s.pending_index_rows() == len(later)
         assert s.index_pending() == len(later)
         assert _processes(s) == expected
         assert len(s.search_events(text="curl").events) == 1  # full text found the old row
