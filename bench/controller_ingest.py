@@ -1,7 +1,7 @@
 """Benchmark: controller ingest through ``StoreHooks`` with ≥ 100 Sigma rules loaded.
 
     .venv/bin/python bench/controller_ingest.py [--events 200000] [--batch 1000]
-        [--variants 9] [--rate 1000] [--seconds 10] [--indexer]
+        [--variants 9] [--rate 1000] [--seconds 10] [--indexer] [--forks]
 
 Two measurements on a real SQLite store in a temporary directory:
 
@@ -15,13 +15,20 @@ Two measurements on a real SQLite store in a temporary directory:
    shell exec; the time from handing the batch to ``commit_batch`` to the alert arriving at a
    live-hub subscriber (what the websocket handler forwards) gives p50/p99.
 
-The event mix and rule variants come from bench/detection.py.
+The rule variants and the category mix come from bench/detection.py; ``lineage`` then gives
+the events the process lineage the sensor reports (sensor/process_table.py ``_build_ecs``):
+24-character entity ids, every process event naming its parent by entity id, pid, executable
+and command line, processes exiting (with a code) as fast as they start, and with
+``--forks`` a fork before each exec (the tracepoint tier reports forks only when asked to).
+These are what make the indexer upsert parent stubs, as it does in production.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import random
 import statistics
 import sys
 import tempfile
@@ -32,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from detection import make_events, write_variants  # bench/detection.py
+from detection import MALICIOUS_EXEC, make_events, write_variants  # bench/detection.py
 
 from backplane.messages import PROTOCOL_VERSION, Hello
 from backplane.schema import Action, Tier, new_event
@@ -44,6 +51,81 @@ from controller.metrics import Metrics
 from controller.store import SQLiteStore
 
 HOST = "bench-host"
+
+
+def _entity_id(rnd: random.Random) -> str:
+    return base64.urlsafe_b64encode(rnd.randbytes(18)).decode()
+
+
+def lineage(events: list[dict[str, Any]], *, forks: bool = False, running: int = 256,
+            seed: int = 11) -> list[dict[str, Any]]:
+    """``events`` (same length) with the process lineage a real sensor reports.
+
+    Each exec starts a new process (new entity id and pid) whose parent is one of a few
+    hundred long-lived sessions and daemons or, one time in three, another running process;
+    once ``running`` processes run, half the benign execs become the exit of the oldest one
+    (so the process share of the mix stays detection.py's). File and network events belong
+    to a running process. Forks take the place of later events: the stream keeps its length.
+    """
+    rnd = random.Random(seed)
+    next_pid = 10_000
+
+    def new_proc(executable: str, command_line: str, parent: dict[str, Any] | None) -> dict:
+        nonlocal next_pid
+        next_pid += rnd.randint(1, 7)
+        proc: dict[str, Any] = {
+            "pid": next_pid, "entity_id": _entity_id(rnd),
+            "name": executable.rsplit("/", 1)[-1], "executable": executable,
+            "args": command_line.split(), "args_count": len(command_line.split()),
+            "command_line": command_line, "working_directory": "/home/alice",
+        }
+        if parent is not None:
+            proc["parent"] = {"pid": parent["pid"], "entity_id": parent["entity_id"],
+                              "name": parent["name"], "executable": parent["executable"],
+                              "command_line": parent["command_line"]}
+        return proc
+
+    roots = [new_proc("/usr/sbin/init", "/sbin/init", None)]
+    sessions = [new_proc(exe, cmd, roots[0]) for exe, cmd in (
+        [("/usr/sbin/sshd", "sshd: alice [priv]")] * 40 + [("/usr/bin/bash", "-bash")] * 120
+        + [("/usr/sbin/cron", "/usr/sbin/cron -f")] * 20
+        + [("/usr/bin/python3", "python3 /srv/app/worker.py")] * 60)]
+    live: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
+
+    def emit(action: Action, proc: dict[str, Any], template: dict[str, Any],
+             **extra: Any) -> None:
+        ev = new_event(action, host=template["host"], tier=Tier.TRACEPOINT)
+        ev["process"] = dict(proc, **extra)
+        ev["user"] = template.get("user", {"id": "1000", "name": "alice"})
+        out.append(ev)
+
+    for ev in events:
+        if len(out) >= len(events):
+            break
+        proc = ev["process"]
+        if ev["event"]["action"] == Action.EXEC:
+            if (len(live) > running and rnd.random() < 0.5
+                    and (proc["executable"], proc["command_line"]) not in MALICIOUS_EXEC):
+                # steady state: processes exit as fast as they start
+                emit(Action.EXIT, live.pop(0), ev, exit_code=rnd.choice((0, 0, 0, 1)))
+                continue
+            parent = rnd.choice(live) if live and rnd.random() < 1 / 3 else rnd.choice(sessions)
+            child = new_proc(proc["executable"], proc["command_line"], parent)
+            if forks:
+                # a fork's child still runs its parent's program
+                emit(Action.FORK, dict(new_proc(parent["executable"], parent["command_line"],
+                                                parent), pid=child["pid"],
+                                       entity_id=child["entity_id"]), ev)
+            ev["process"] = child
+            out.append(ev)
+            live.append(child)
+        else:
+            owner = rnd.choice(live) if live else rnd.choice(sessions)
+            ev["process"] = dict(proc, pid=owner["pid"], entity_id=owner["entity_id"],
+                                 parent=owner.get("parent", {}))
+            out.append(ev)
+    return out[:len(events)]
 
 
 def shell_event(n: int) -> dict[str, Any]:
@@ -71,6 +153,8 @@ async def sustained(hooks: StoreHooks, events: list[dict[str, Any]], batch: int,
     while hooks.store.pending_index_rows():
         await asyncio.sleep(0.005)
     total_s = time.perf_counter() - t0
+    print(f"  indexer: {indexer.runs.get('index', 0):,} turns, {indexer.folds:,} process-table "
+          f"folds ({indexer.indexed:,} events looked at)")
     print(f"  ingest alone: {len(events) / ingest_s:,.0f} events/s, leaving an indexer backlog "
           f"of {backlog:,} events, caught up {total_s - ingest_s:.2f} s later")
     return len(events) / total_s, seq
@@ -141,6 +225,7 @@ async def main_async(args: argparse.Namespace) -> int:
         events = make_events(args.events)
         for ev in events:
             ev["host"] = {"id": HOST}
+        events = lineage(events, forks=args.forks)
         rate, seq = await sustained(hooks, events, args.batch, 0, maint)
         m = hooks.metrics
         print(f"sustained: {rate:,.0f} events/s through StoreHooks ({args.events:,} events, "
@@ -168,6 +253,7 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--indexer", action="store_true")
+    p.add_argument("--forks", action="store_true", help="a fork event before every exec")
     return asyncio.run(main_async(p.parse_args()))
 
 
