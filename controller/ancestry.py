@@ -112,7 +112,7 @@ def _stored(
     store: Store, host_id: str, eid: str, seen: set[str], room: int
 ) -> list[dict[str, Any]]:
     try:
-        tree = store.process_tree(host_id, eid)
+        tree = store.process_tree(host_id, eid, children=False)
     except StoreError:
         return []
     out = []

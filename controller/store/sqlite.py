@@ -1000,9 +1000,15 @@ class SQLiteStore:
             raise NotFound("event", event_id)
         return StoredEvent(row[0], row[1], row[2] / 1_000_000, json.loads(row[3]))
 
-    def process_tree(self, host_id: str, entity_id: str) -> ProcessTree:
+    def process_tree(self, host_id: str, entity_id: str, *, children: bool = True
+                     ) -> ProcessTree:
         """A process with its ancestors (nearest first) and direct children, from the
-        exec/fork/exit events stored for ``host_id``."""
+        exec/fork/exit events stored for ``host_id``.
+
+        ``children=False`` leaves the children out (an empty list): a long-lived session's
+        children are thousands of rows, which alert ancestry, the caller that needs only the
+        chain upwards, fetched and sorted for every alert.
+        """
         _check_name(host_id, "host_id")
         _check_name(entity_id, "entity_id")
         one = f"SELECT {_PROCESS_COLS} FROM processes WHERE host_id = ? AND entity_id = ?"
@@ -1021,7 +1027,7 @@ class SQLiteStore:
                     break
                 ancestors.append(_process(row))
                 parent_id = ancestors[-1].parent_entity_id
-            children = [
+            kids = [] if not children else [
                 _process(r)
                 for r in c.execute(
                     f"SELECT {_PROCESS_COLS} FROM processes"
@@ -1029,7 +1035,7 @@ class SQLiteStore:
                     (host_id, entity_id),
                 )
             ]
-        return ProcessTree(node, ancestors, children)
+        return ProcessTree(node, ancestors, kids)
 
     def event_bytes(self) -> int:
         """Total size of the stored event documents (what ``max_bytes`` retention bounds)."""

@@ -341,6 +341,9 @@ def test_process_tree(store: SQLiteStore, make_ev, t0: float) -> None:
     assert tree.ancestors[0].executable == "/usr/sbin/sshd"  # exec replaced the forked image
     assert tree.ancestors[0].start == pytest.approx(t0 + 1)  # first seen at fork
     assert [c.entity_id for c in tree.children] == ["curl", "sh"]
+    # alert ancestry asks for the chain upwards only
+    up = store.process_tree("host-a", "bash", children=False)
+    assert (up.process, up.ancestors, up.children) == (tree.process, tree.ancestors, [])
     curl = store.process_tree("host-a", "curl").process
     assert curl.exit == pytest.approx(t0 + 6) and curl.exit_code == 3
     assert curl.command_line == "curl x"
