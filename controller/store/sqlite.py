@@ -1,8 +1,12 @@
-"""The SQLite implementation of ``Store``: one file in WAL mode.
+"""The SQLite implementation of ``Store``: one file in WAL mode, and the process ancestry
+table in a second one next to it (``<file>-processes``).
 
 Threading: one writer connection behind a lock (SQLite allows one writer at a time anyway),
 and one read connection per calling thread, so readers never wait for the writer and see
-only committed data (WAL snapshots).
+only committed data (WAL snapshots). The process file has its own writer connection and lock,
+used by ``fold_processes`` and retention only: its random-page upserts never hold the writer
+that ingest waits for. That connection ATTACHes the store (as ``store``) to read new events;
+read connections ATTACH the process file (as ``proc``).
 
 Durability: ``synchronous=FULL`` by default. In WAL mode ``NORMAL`` already survives a
 ``kill -9`` of the controller (the committed WAL frames are in the OS page cache), but not a
@@ -69,7 +73,13 @@ from controller.store.interface import (
     StoreError,
     User,
 )
-from controller.store.migrations import LATEST_VERSION, MIGRATIONS, check_order
+from controller.store.migrations import (
+    LATEST_VERSION,
+    MIGRATIONS,
+    PROCESS_FILE_SCHEMA,
+    PROCESS_FILE_VERSION,
+    check_order,
+)
 
 _MAX_INT = 2**63 - 1
 _RETENTION_CHUNK = 20_000
@@ -259,6 +269,10 @@ _COMMAND_COLS = (
 _ALERT_COLS = (
     "id, created_at, updated_at, rule_id, rule_name, severity, host_id, event_id, event,"
     " ancestry, status, assignee"
+)
+_PROCESS_ALL = (
+    "host_id, entity_id, pid, parent_entity_id, ppid, executable, command_line, user_name,"
+    " start_ts, exit_ts, exit_code, last_ts"
 )
 _PROCESS_COLS = (
     "entity_id, pid, parent_entity_id, ppid, executable, command_line, user_name, start_ts,"
@@ -524,9 +538,14 @@ class SQLiteStore:
         self._closed = False
         self._checkpoint_lock = threading.Lock()
         self._checkpointer: sqlite3.Connection | None = None
-        # The database holds password and token hashes: owner-only from the first byte.
-        if not os.path.exists(self.path):
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        self.process_path = self.path + "-processes"
+        self._proc_lock = threading.Lock()
+        self._proc: sqlite3.Connection | None = None
+        # The database holds password and token hashes, the process file command lines:
+        # owner-only from the first byte.
+        for path in (self.path, self.process_path):
+            if not os.path.exists(path):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         try:
             self._writer = self._connect()
             # Only takes effect on a new file. Measured here: 16 KiB pages ingest ~10-20%
@@ -536,6 +555,9 @@ class SQLiteStore:
             # Checkpoints belong to ``checkpoint()`` on a background thread; this is only the
             # backstop that bounds the WAL (64 MiB) if nobody calls it.
             self._writer.execute("PRAGMA wal_autocheckpoint = 4096")
+            self._migrate(until=PROCESS_FILE_VERSION - 1)
+            self._proc = self._open_process_file()
+            self._move_processes()
             self._migrate()
             self._writer.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS doomed (id INTEGER PRIMARY KEY, size INTEGER)"
@@ -545,9 +567,9 @@ class SQLiteStore:
 
     # -- connections ----------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, path: str | None = None) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            path or self.path, isolation_level=None, check_same_thread=False, timeout=30.0
         )
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -555,7 +577,44 @@ class SQLiteStore:
         conn.execute("PRAGMA cache_size = -65536")  # 64 MiB of page cache per connection
         return conn
 
-    def _migrate(self) -> None:
+    def _open_process_file(self) -> sqlite3.Connection:
+        conn = self._connect(self.process_path)
+        conn.execute("PRAGMA page_size = 16384")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in PROCESS_FILE_SCHEMA:
+                conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            conn.close()
+            raise
+        conn.execute("ATTACH DATABASE ? AS store", (self.path,))
+        return conn
+
+    def _move_processes(self) -> None:
+        """Copy a store's own process table (schema < 6) and its watermark into the process
+        file; migration 6 then drops it. Redone in full if the drop never commits."""
+        c = self._proc
+        assert c is not None
+        if c.execute("SELECT 1 FROM store.sqlite_master WHERE type = 'table'"
+                     " AND name = 'processes'").fetchone() is None:
+            return
+        c.execute("BEGIN")  # deferred: writes lock the process file only, never the store
+        try:
+            c.execute(f"INSERT OR REPLACE INTO main.processes ({_PROCESS_ALL})"
+                      f" SELECT {_PROCESS_ALL} FROM store.processes")
+            c.execute(
+                "UPDATE main.process_state SET value = (SELECT value FROM store.store_state"
+                " WHERE key = 'process_watermark') WHERE key = 'process_watermark'"
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def _migrate(self, until: int = LATEST_VERSION) -> None:
         c = self._writer
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -570,7 +629,7 @@ class SQLiteStore:
                     f"{LATEST_VERSION}: upgrade the controller"
                 )
             for migration in MIGRATIONS:
-                if migration.version <= current:
+                if migration.version <= current or migration.version > until:
                     continue
                 for statement in migration.statements:
                     c.execute(statement)
@@ -620,6 +679,22 @@ class SQLiteStore:
             c.execute("COMMIT")
 
     @contextmanager
+    def _write_processes(self) -> Iterator[sqlite3.Connection]:
+        """The process file's writer inside one transaction, under its own lock. Deferred,
+        not IMMEDIATE: IMMEDIATE would take the attached store's write lock too."""
+        with self._proc_lock:
+            c = self._proc
+            if self._closed or c is None:
+                raise StoreError("store is closed")
+            c.execute("BEGIN")
+            try:
+                yield c
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
+
+    @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
         """This thread's read connection inside one read transaction (a consistent snapshot)."""
         if self._closed:
@@ -627,6 +702,7 @@ class SQLiteStore:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
+            conn.execute("ATTACH DATABASE ? AS proc", (self.process_path,))
             conn.execute("PRAGMA query_only = ON")
             with self._readers_lock:
                 self._readers.append(conn)
@@ -644,6 +720,9 @@ class SQLiteStore:
                 return
             self._closed = True
             self._writer.close()
+        with self._proc_lock:
+            if self._proc is not None:
+                self._proc.close()
         with self._checkpoint_lock:
             if self._checkpointer is not None:
                 self._checkpointer.close()
@@ -844,7 +923,7 @@ class SQLiteStore:
     def index_pending(self, max_rows: int = 20_000, *, processes: bool = True) -> int:
         """Make up to ``max_rows`` newly ingested events searchable by full text and (unless
         ``processes`` is false) fold up to ``max_rows`` exec/fork/exit events into the process
-        ancestry table, in one transaction.
+        ancestry table (a transaction on each file).
 
         Runs off the ingest path (the controller calls it from a background thread until it
         returns 0); each call is one short write transaction, so ingest interleaves with it.
@@ -852,29 +931,29 @@ class SQLiteStore:
         """
         _check_limit(max_rows, 1_000_000)
         with self._write() as c:
-            count = self._advance(c, "fts_watermark", max_rows, (_FTS_INSERT,))
-            if processes:
-                count = max(count, self._advance(c, "process_watermark", max_rows,
-                                                 (_STUB_PROCESSES, _UPSERT_PROCESSES)))
-            return count
+            count = self._advance(c, "store_state", "fts_watermark", max_rows, (_FTS_INSERT,))
+        if processes:
+            count = max(count, self.fold_processes(max_rows))
+        return count
 
     def fold_processes(self, max_rows: int = 50_000) -> int:
         """Fold up to ``max_rows`` events into the process ancestry table (the part of
         ``index_pending`` that can wait). Its upserts land on random pages of a table keyed by
         entity id, so each commit rewrites most of the pages it touches whatever the row
         count: the maintenance loop calls this for large batches, not every few thousand
-        events. Returns how many events it looked at."""
+        events. It writes the process file only (reading new events from the store), so
+        ingest never waits for it. Returns how many events it looked at."""
         _check_limit(max_rows, 1_000_000)
-        with self._write() as c:
-            return self._advance(c, "process_watermark", max_rows,
+        with self._write_processes() as c:
+            return self._advance(c, "process_state", "process_watermark", max_rows,
                                  (_STUB_PROCESSES, _UPSERT_PROCESSES))
 
     @staticmethod
-    def _advance(c: sqlite3.Connection, watermark: str, max_rows: int,
+    def _advance(c: sqlite3.Connection, state: str, watermark: str, max_rows: int,
                  statements: tuple[str, ...]) -> int:
-        """Run ``statements`` over the next ``max_rows`` event ids above ``watermark`` and
-        move it past them."""
-        low = c.execute("SELECT value FROM store_state WHERE key = ?", (watermark,)).fetchone()[0]
+        """Run ``statements`` over the next ``max_rows`` event ids above ``watermark`` (a key
+        of the ``state`` table) and move it past them."""
+        low = c.execute(f"SELECT value FROM {state} WHERE key = ?", (watermark,)).fetchone()[0]
         high, count = c.execute(
             "SELECT max(id), count(*) FROM"
             " (SELECT id FROM events WHERE id > ? ORDER BY id LIMIT ?)",
@@ -884,15 +963,16 @@ class SQLiteStore:
             return 0
         for sql in statements:
             c.execute(sql, (low, high))
-        c.execute("UPDATE store_state SET value = ? WHERE key = ?", (high, watermark))
+        c.execute(f"UPDATE {state} SET value = ? WHERE key = ?", (high, watermark))
         return int(count)
 
     def pending_index_rows(self) -> int:
         """How many stored events full-text search or the process table cannot see yet."""
         with self._reading() as c:
             return c.execute(
-                "SELECT count(*) FROM events WHERE id > (SELECT min(value) FROM store_state"
-                " WHERE key IN ('fts_watermark', 'process_watermark'))"
+                "SELECT count(*) FROM events WHERE id > min("
+                "(SELECT value FROM store_state WHERE key = 'fts_watermark'),"
+                " (SELECT value FROM proc.process_state WHERE key = 'process_watermark'))"
             ).fetchone()[0]
 
     # -- events: reading ------------------------------------------------------------------
@@ -1011,7 +1091,7 @@ class SQLiteStore:
         """
         _check_name(host_id, "host_id")
         _check_name(entity_id, "entity_id")
-        one = f"SELECT {_PROCESS_COLS} FROM processes WHERE host_id = ? AND entity_id = ?"
+        one = f"SELECT {_PROCESS_COLS} FROM proc.processes WHERE host_id = ? AND entity_id = ?"
         with self._reading() as c:
             row = c.execute(one, (host_id, entity_id)).fetchone()
             if row is None:
@@ -1030,7 +1110,7 @@ class SQLiteStore:
             kids = [] if not children else [
                 _process(r)
                 for r in c.execute(
-                    f"SELECT {_PROCESS_COLS} FROM processes"
+                    f"SELECT {_PROCESS_COLS} FROM proc.processes"
                     " WHERE host_id = ? AND parent_entity_id = ? ORDER BY start_ts, entity_id",
                     (host_id, entity_id),
                 )
@@ -1077,8 +1157,9 @@ class SQLiteStore:
             deleted, deleted_bytes = deleted + n, deleted_bytes + size
             if n == 0:
                 break
-        with self._write() as c:
+        with self._reading() as c:
             oldest = c.execute("SELECT min(ts) FROM events").fetchone()[0]
+        with self._write_processes() as c:
             if oldest is None:
                 processes = c.execute("DELETE FROM processes").rowcount
             else:

@@ -11,6 +11,7 @@ import pytest
 
 from backplane.schema import Action, Event, Tier, new_event
 from controller.store import SQLiteStore
+from controller.store.migrations import PROCESS_FILE_SCHEMA, PROCESS_FILE_VERSION
 
 HOST = {"id": "host-a", "name": "alpha"}
 T0 = 1_700_000_000.0  # a fixed "now" for tests that control time
@@ -101,14 +102,33 @@ _UNDO: dict[int, tuple[str, ...]] = {
 }
 
 
+def _undo_process_file(conn: sqlite3.Connection, path: Path) -> None:
+    """Migration 6 undone: the process table and its watermark back in the store, and no
+    process file next to it."""
+    proc = Path(f"{path}-processes")
+    conn.execute("ATTACH DATABASE ? AS proc", (str(proc),))
+    for statement in PROCESS_FILE_SCHEMA[:3]:  # the table and indexes, as migration 1 made them
+        conn.execute(statement.replace(" IF NOT EXISTS", ""))
+    conn.execute("INSERT INTO main.processes SELECT * FROM proc.processes")
+    conn.execute("INSERT INTO store_state (key, value) SELECT 'process_watermark', value"
+                 " FROM proc.process_state WHERE key = 'process_watermark'")
+    conn.commit()
+    conn.execute("DETACH DATABASE proc")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{proc}{suffix}").unlink(missing_ok=True)
+
+
 def roll_back(path: Path, version: int) -> None:
     """Turn the closed store file at ``path`` back into a schema ``version`` database."""
     conn = sqlite3.connect(path)
     try:
         current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
         for v in range(current, version, -1):
-            for statement in _UNDO[v]:
-                conn.execute(statement)
+            if v == PROCESS_FILE_VERSION:
+                _undo_process_file(conn, path)
+            else:
+                for statement in _UNDO[v]:
+                    conn.execute(statement)
             conn.execute("DELETE FROM schema_version WHERE version = ?", (v,))
         conn.commit()
     finally:

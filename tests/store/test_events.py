@@ -397,8 +397,11 @@ def test_indexer_reads_only_its_id_range(store: SQLiteStore, make_ev, t0: float)
     plan on ``events_action_ts`` made each call slower as the table grew)."""
     store.ingest_batch("host-a", 1, [make_ev(Action.EXEC, t0 + i, pid=i) for i in range(50)])
     store._writer.execute("ANALYZE")  # statistics must not tempt the planner either
-    for sql in (S._FTS_INSERT, S._STUB_PROCESSES, S._UPSERT_PROCESSES):
-        plan = [r[-1] for r in store._writer.execute(f"EXPLAIN QUERY PLAN {sql}", (0, 10))]
+    # full text runs on the store's writer, the process table on the process file's
+    for conn, sql in ((store._writer, S._FTS_INSERT), (store._proc, S._STUB_PROCESSES),
+                      (store._proc, S._UPSERT_PROCESSES)):
+        assert conn is not None
+        plan = [r[-1] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", (0, 10))]
         assert plan == ["SEARCH events USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"], sql
 
 

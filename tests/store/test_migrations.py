@@ -92,7 +92,9 @@ def test_closed_store_refuses_calls(db_path: Path) -> None:
 
 
 def _processes(s: SQLiteStore) -> list[tuple[object, ...]]:
-    return s._writer.execute("SELECT * FROM processes ORDER BY host_id, entity_id").fetchall()
+    assert s._proc is not None  # the process file's connection: its main is that file
+    return s._proc.execute(
+        "SELECT * FROM main.processes ORDER BY host_id, entity_id").fetchall()
 
 
 def test_upgrade_to_process_columns_indexes_old_rows(tmp_path: Path, make_ev, t0: float,
@@ -154,8 +156,8 @@ def test_upgrade_to_process_columns_indexes_old_rows(tmp_path: Path, make_ev, t0
     with SQLiteStore(old) as s:
         assert s.schema_version() == LATEST_VERSION
         # the process table's watermark starts where full text stood
-        assert s._writer.execute(
-            "SELECT value FROM store_state WHERE key = 'process_watermark'").fetchone()[0] == 2
+        assert s._proc is not None and s._proc.execute(
+            "SELECT value FROM process_state WHERE key = 'process_watermark'").fetchone()[0] == 2
         assert s.pending_index_rows() == len(later)
         assert s.index_pending() == len(later)
         assert _processes(s) == expected
@@ -179,3 +181,83 @@ def test_upgrade_to_process_columns_indexes_old_rows(tmp_path: Path, make_ev, t0
             s.process_tree("host-a", "wrong")  # named only by a file event
         # bash's own exec wins over what curl's event says about it
         assert bash.process.command_line == "/usr/bin/bash"
+
+
+def test_upgrade_moves_the_process_table_to_its_own_file(tmp_path: Path, make_ev, t0: float,
+                                                         rolled_back) -> None:
+    """A schema 5 file keeps its process table and watermark in the store: the upgrade moves
+    both into ``<file>-processes`` (owner-only) and drops them from the store, and ancestry,
+    retention and the indexer read and write the new file from then on."""
+    from backplane.schema import Action
+
+    path = tmp_path / "old.db"
+    proc = Path(f"{path}-processes")
+    events = [make_ev(Action.EXEC, t0, pid=10, entity="sshd", exe="/usr/sbin/sshd",
+                      parent=(1, "init")),
+              make_ev(Action.EXEC, t0 + 1, pid=20, entity="bash", exe="/usr/bin/bash",
+                      parent=(10, "sshd")),
+              make_ev(Action.EXIT, t0 + 2, pid=20, entity="bash", exit_code=3,
+                      parent=(10, "sshd"))]
+    with SQLiteStore(path) as s:
+        s.ingest_batch("host-a", 1, events[:2])
+        assert s.index_pending() == 2
+        s.ingest_batch("host-a", 2, events[2:])  # not folded yet: the watermark must move too
+        before = _processes(s)
+    rolled_back(path, 5)
+    assert not proc.exists() and "processes" in _tables(path)
+    with SQLiteStore(path) as s:
+        assert s.schema_version() == LATEST_VERSION
+        assert "processes" not in _tables(path) and "processes" in _tables(proc)
+        assert stat.S_IMODE(os.stat(proc).st_mode) == 0o600
+        assert _processes(s) == before
+        assert s.pending_index_rows() == 1
+        assert s.index_pending() == 1
+        bash = s.process_tree("host-a", "bash")
+        assert bash.process.exit_code == 3
+        assert [a.entity_id for a in bash.ancestors] == ["sshd", "init"]
+        assert [c.entity_id for c in s.process_tree("host-a", "sshd").children] == ["bash"]
+        assert s.apply_retention(max_age=0, now=t0 + 10).processes_deleted == 3
+
+
+def test_process_move_is_redone_after_a_crash_before_the_drop(tmp_path: Path, make_ev,
+                                                              t0: float, rolled_back) -> None:
+    """Copied into the process file but the store's migration never committed: the next open
+    copies again over whatever the file holds (the store's table is still the truth)."""
+    from backplane.schema import Action
+
+    path = tmp_path / "old.db"
+    with SQLiteStore(path) as s:
+        s.ingest_batch("host-a", 1, [make_ev(Action.EXEC, t0, pid=10, entity="e10",
+                                             exe="/usr/bin/true", parent=(1, "init"))])
+        s.index_pending()
+        before = _processes(s)
+    rolled_back(path, 5)
+    with sqlite3.connect(f"{path}-processes") as c:  # a half-done earlier attempt
+        from controller.store.migrations import PROCESS_FILE_SCHEMA
+        for statement in PROCESS_FILE_SCHEMA:
+            c.execute(statement)
+        c.execute("INSERT INTO processes (host_id, entity_id, pid, last_ts)"
+                  " VALUES ('host-a', 'e10', 999, 0)")
+        c.execute("UPDATE process_state SET value = 77")
+    with SQLiteStore(path) as s:
+        assert _processes(s) == before
+        assert s.pending_index_rows() == 0
+        assert s.process_tree("host-a", "e10").process.pid == 10
+
+
+def test_a_lost_process_file_is_rebuilt_from_stored_events(tmp_path: Path, make_ev,
+                                                           t0: float) -> None:
+    from backplane.schema import Action
+
+    path = tmp_path / "edr.db"
+    with SQLiteStore(path) as s:
+        s.ingest_batch("host-a", 1, [make_ev(Action.EXEC, t0, pid=10, entity="e10",
+                                             parent=(1, "init"))])
+        s.index_pending()
+        before = _processes(s)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}-processes{suffix}").unlink(missing_ok=True)
+    with SQLiteStore(path) as s:
+        assert s.pending_index_rows() == 1
+        assert s.index_pending() == 1
+        assert _processes(s) == before
