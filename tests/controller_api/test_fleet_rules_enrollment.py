@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from controller.store import NotFound
+
 pytestmark = pytest.mark.timeout(60)
 
 GOOD_RULE = """\
@@ -96,6 +98,28 @@ def test_events_search_get_and_tree(api):
     parent = api.get("/api/v1/hosts/host-1/processes/P").json()
     assert sorted(c["entity_id"] for c in parent["children"]) == ["C1", "C2"]
     assert api.get("/api/v1/hosts/host-1/processes/nope").status_code == 404
+
+
+def test_tree_of_a_process_just_ingested_is_found(api):
+    """The maintenance loop folds the process table in batches, a second or so behind ingest;
+    a tree request folds what is pending first, so a process just seen live is there."""
+    api.add_host()
+    now = int(time.time()) - 10
+    assert api.store.ingest_batch("host-1", 1, [_exec(100, "P", "root", "/usr/bin/bash", now)])
+    api.store.index_pending()
+    # a child stored after the last fold: not in the process table yet
+    assert api.store.ingest_batch("host-1", 2, [_exec(101, "C1", "P", "/usr/bin/curl", now + 1)])
+    with pytest.raises(NotFound):
+        api.store.process_tree("host-1", "C1")
+    tree = api.get("/api/v1/hosts/host-1/processes/C1").json()
+    assert tree["process"]["entity_id"] == "C1"
+    assert [a["entity_id"] for a in tree["ancestors"]][:1] == ["P"]
+    assert [c["entity_id"] for c in api.get("/api/v1/hosts/host-1/processes/P").json()[
+        "children"]] == ["C1"]
+    event_id = api.store.search_events(entity_id="C1").events[0].id
+    assert api.store.ingest_batch("host-1", 3, [_exec(102, "C2", "C1", "/usr/bin/nc", now + 2)])
+    children = api.get(f"/api/v1/events/{event_id}/tree").json()["children"]
+    assert [c["entity_id"] for c in children] == ["C2"]
 
 
 def test_rules_list_enable_disable_reload(api):
