@@ -52,7 +52,11 @@ AUDIT_BACKLOG = 8192
 GENERIC_HEADERS = Path("/usr/src/edr-bcc-headers")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+# BEGIN runs once every probe is attached: "edr-bench-ready" is the start signal ("Attaching N
+# probes..." comes before attaching, and a SIGINT during attach can leave bpftrace 0.17 hung).
+BPFTRACE_READY = "edr-bench-ready"
 BPFTRACE_SCRIPT = (
+    f'BEGIN {{ printf("{BPFTRACE_READY}\\n"); }}\n'
     f'tracepoint:sched:sched_process_exec /comm == "{STORM_COMM}"/ {{ @execs = count(); }}\n'
     "END { print(@execs); }\n"
 )
@@ -584,11 +588,10 @@ class BpftraceTracer(Tracer):
         )
         self.reader = _LineReader(self.proc.stdout)
         if not self.reader.wait_for(
-            lambda lines: any(ln.startswith("Attaching") for ln in lines), 60
+            lambda lines: any(ln.strip() == BPFTRACE_READY for ln in lines), 60
         ):
             self.abort()
             raise BenchError(f"bpftrace did not attach:\n{self.reader.text()[-500:]}")
-        time.sleep(0.5)  # "Attaching" is printed just before attaching
 
     def cpu_pids(self) -> list[int]:
         return [self.proc.pid] if self.proc else []
