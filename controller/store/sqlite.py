@@ -897,14 +897,7 @@ class SQLiteStore:
     def events_after(
         self, event_id: int, limit: int = 10_000
     ) -> list[tuple[int, str, dict[str, Any]]]:
-        _check_id(event_id, "event_id")
-        limit = _check_limit(limit, 1_000_000)
-        with self._reading() as c:
-            rows = c.execute(
-                "SELECT id, host_id, doc FROM events WHERE id > ? ORDER BY id LIMIT ?",
-                (event_id, limit),
-            ).fetchall()
-        return [(int(i), str(h), _loads(doc)) for i, h, doc in rows]
+        return [(i, h, _loads(doc)) for i, h, doc in self.event_docs_after(event_id, limit)]
 
     def event_docs_after(self, event_id: int, limit: int = 10_000) -> list[tuple[int, str, str]]:
         _check_id(event_id, "event_id")
