@@ -76,7 +76,9 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start_sensor(workdir: Path, mode: str, *, unprivileged: bool = False) -> RunningSensor:
+def start_sensor(
+    workdir: Path, mode: str, *, unprivileged: bool = False, start_timeout: float = 60.0
+) -> RunningSensor:
     output, stats = workdir / "events.ndjson", workdir / "stats.json"
     watched = workdir / "watched"
     watched.mkdir(mode=0o777, exist_ok=True)
@@ -116,7 +118,7 @@ def start_sensor(workdir: Path, mode: str, *, unprivileged: bool = False) -> Run
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + start_timeout
     while not ready.wait(0.2) and proc.poll() is None and time.monotonic() < deadline:
         pass
     if not ready.is_set():

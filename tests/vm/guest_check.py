@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -72,56 +71,6 @@ def accept_without_address(e2e: ModuleType) -> tuple[int, int]:
 START_TIMEOUT = float(os.environ.get("EDR_VM_START_TIMEOUT", "600"))
 
 
-def start_sensor(e2e: ModuleType, workdir: Path, mode: str) -> Any:
-    """e2e.start_sensor's command and output files, with a longer start-up deadline.
-
-    Under TCG (no usable KVM) BCC's compile of the kprobe programs alone takes over a minute,
-    past the 60 s the host-side helper allows.
-    """
-    output, stats = workdir / "events.ndjson", workdir / "stats.json"
-    watched = workdir / "watched"
-    watched.mkdir(mode=0o777, exist_ok=True)
-    cmd = [
-        *e2e.SENSOR,
-        "run",
-        "--mode",
-        mode,
-        "--output",
-        str(output),
-        "--stats-file",
-        str(stats),
-        "--state-dir",
-        str(workdir / "state"),
-        "--watch",
-        str(watched),
-    ]
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=e2e.REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
-    )
-    sensor = e2e.RunningSensor(proc, output, stats)
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            sensor.stderr.append(line)
-            if "capturing " in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + START_TIMEOUT
-    while not ready.wait(0.2) and proc.poll() is None and time.monotonic() < deadline:
-        pass
-    if not ready.is_set():
-        proc.kill()
-        proc.wait(10)
-        time.sleep(0.2)
-        raise AssertionError(f"sensor did not start: {''.join(sensor.stderr)[-3000:]}")
-    time.sleep(0.5)
-    return sensor
-
-
 class Checker:
     """Runs named checks against one running sensor and records each outcome."""
 
@@ -148,7 +97,9 @@ class Checker:
     # -- the checks ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self.sensor = start_sensor(self.e2e, self.workdir, self.tier)
+        # Under TCG (no usable KVM) BCC's compile of the kprobe programs alone takes over
+        # a minute, past the 60 s the host-side tests allow.
+        self.sensor = self.e2e.start_sensor(self.workdir, self.tier, start_timeout=START_TIMEOUT)
 
     def kprobes_registered(self) -> None:
         text = KPROBE_LIST.read_text()
