@@ -19,13 +19,15 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from browser_harness import RULE_MARKER, Controller, SensorProcess, wait_for
 
 from controller.store.interface import NotFound
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "response"))
+from netns_lab import Namespaces, netns_lab
 
 pytest.importorskip("playwright.sync_api")
 from console_page import CHROMIUM, Errors, login, shot
@@ -37,26 +39,7 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium"),
 ]
 
-CTRL, OTHER, PORT = "10.78.1.2", "10.78.2.2", 8080
-
-SERVER = """
-import socket, sys
-s = socket.create_server(("0.0.0.0", int(sys.argv[1])), reuse_port=False)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    c.sendall(b"ok")
-    c.close()
-"""
-
-CLIENT = """
-import socket, sys
-try:
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0) as s:
-        sys.exit(0 if s.recv(2) == b"ok" else 1)
-except OSError:
-    sys.exit(1)
-"""
+CTRL, OTHER = "10.78.1.2", "10.78.2.2"
 
 
 @contextmanager
@@ -78,15 +61,6 @@ def proc_state(pid: int) -> str | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return stat.rsplit(")", 1)[1].split()[0]  # the name in parentheses may hold spaces
-
-
-def host_ruleset() -> str:
-    return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True,
-                          timeout=10, check=True).stdout  # fmt: skip
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
 def command_done(pg: Page, area: str, status: str = "succeeded") -> None:
@@ -169,62 +143,11 @@ def test_kill_held_process_from_its_alert(browser: Browser,
 # -- isolate and unisolate inside network namespaces ---------------------------------------------
 
 
-@dataclass
-class Lab:
-    host: str
-    ctrl: str
-    other: str
-
-    def reach(self, addr: str, port: int = PORT) -> bool:
-        """Whether a TCP connect from the host namespace to ``addr:port`` gets its answer."""
-        proc = subprocess.run(["ip", "netns", "exec", self.host, sys.executable, "-c", CLIENT,
-                               addr, str(port)], capture_output=True, timeout=30)  # fmt: skip
-        return proc.returncode == 0
-
-    def has_edr_table(self) -> bool:
-        proc = subprocess.run(["ip", "netns", "exec", self.host, "nft", "list", "table", "inet",
-                               "edr"], capture_output=True, timeout=10)  # fmt: skip
-        return proc.returncode == 0
-
-
 @pytest.fixture
-def lab() -> Iterator[Lab]:
+def lab() -> Iterator[Namespaces]:
     """host ⇄ controller (10.78.1.0/24) and host ⇄ other (10.78.2.0/24), veth pairs only."""
-    tag = uuid.uuid4().hex[:6]
-    names = [f"edr-bh-{tag}", f"edr-bc-{tag}", f"edr-bo-{tag}"]
-    before = host_ruleset()
-    servers: list[subprocess.Popen[str]] = []
-    try:
-        for ns in names:
-            ip("netns", "add", ns)
-    except subprocess.CalledProcessError as exc:
-        for ns in names:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-        pytest.skip(f"cannot create network namespaces here: {exc.stderr!r}")
-    h, c, o = names
-    try:
-        for peer, net in ((c, "1"), (o, "2")):
-            a, b = f"bh{net}{tag}", f"bp{net}{tag}"
-            ip("link", "add", a, "netns", h, "type", "veth", "peer", "name", b, "netns", peer)
-            ip("-n", h, "addr", "add", f"10.78.{net}.1/24", "dev", a)
-            ip("-n", peer, "addr", "add", f"10.78.{net}.2/24", "dev", b)
-            for ns, dev in ((h, a), (peer, b)):
-                ip("-n", ns, "link", "set", dev, "up")
-                ip("-n", ns, "link", "set", "lo", "up")
-        srv = subprocess.Popen(["ip", "netns", "exec", o, sys.executable, "-c", SERVER,
-                                str(PORT)], stdout=subprocess.PIPE, text=True)  # fmt: skip
-        servers.append(srv)
-        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
-        lab = Lab(h, c, o)
-        assert lab.reach(OTHER), "the lab's 'other' server is not reachable before the test"
-        yield lab
-    finally:
-        for srv in servers:
-            srv.kill()
-            srv.wait(5)
-        for ns in names:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-    assert host_ruleset() == before, "the machine's own nftables ruleset changed"
+    with netns_lab("10.78", "fd78", "edr-b") as ns:
+        yield ns
 
 
 def host_online(ctl: Controller, host_id: str) -> bool:
@@ -234,7 +157,7 @@ def host_online(ctl: Controller, host_id: str) -> bool:
         return False
 
 
-def test_isolate_and_unisolate_in_a_namespace(browser: Browser, lab: Lab,
+def test_isolate_and_unisolate_in_a_namespace(browser: Browser, lab: Namespaces,
                                                tmp_path: Path) -> None:
     # The backplane listens in the controller namespace; the console stays on our loopback.
     ctl = Controller(tmp_path, backplane_host=CTRL, netns=lab.ctrl)

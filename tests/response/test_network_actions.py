@@ -10,33 +10,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from netns_lab import PORT, SERVER, Namespaces, netns_lab
+
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
 REPO = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("net_helper.py")
 CTRL, OTHER, OTHER6 = "10.77.1.2", "10.77.2.2", "fd77:2::2"
-PORT = 8080
-
-SERVER = """
-import socket, sys
-s = socket.socket(socket.AF_INET6)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", int(sys.argv[1])))
-s.listen(16)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    c.sendall(b"ok")
-    c.close()
-"""
 
 LOOPBACK = """
 import socket
@@ -47,39 +34,10 @@ with socket.create_connection(srv.getsockname(), timeout=1.0) as c:
     assert c.recv(2) == b"ok"
 """
 
-CLIENT = """
-import socket, sys
-try:
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0) as s:
-        sys.exit(0 if s.recv(2) == b"ok" else 1)
-except OSError:
-    sys.exit(1)
-"""
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-def host_ruleset() -> str:
-    return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True,
-                          timeout=10, check=True).stdout  # fmt: skip
-
 
 @dataclass
-class Lab:
-    host: str
-    ctrl: str
-    other: str
+class Lab(Namespaces):
     state: Path
-
-    def exec(self, ns: str, *argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True,
-                              text=True, timeout=30, **kw)  # type: ignore[call-overload]  # fmt: skip
-
-    def reach(self, addr: str, port: int = PORT, ns: str | None = None) -> bool:
-        proc = self.exec(ns or self.host, sys.executable, "-c", CLIENT, addr, str(port))
-        return proc.returncode == 0
 
     def action(self, action: str, args: dict | None = None, dns: tuple[str, ...] = ()) -> dict:
         argv = [sys.executable, str(HELPER), str(self.state), action, json.dumps(args or {}),
@@ -98,46 +56,11 @@ class Lab:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
-    tag = uuid.uuid4().hex[:6]
-    names = [f"edr-h-{tag}", f"edr-c-{tag}", f"edr-o-{tag}"]
-    before = host_ruleset()
-    servers: list[subprocess.Popen[str]] = []
-    try:
-        for ns in names:
-            ip("netns", "add", ns)
-    except subprocess.CalledProcessError as exc:
-        for ns in names:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        pytest.skip(f"cannot create network namespaces here: {exc.stderr!r}")
-    h, c, o = names
-    try:
-        for peer, net, v6 in ((c, "1", "fd77:1"), (o, "2", "fd77:2")):
-            a, b = f"vh{net}{tag}", f"vp{net}{tag}"
-            ip("link", "add", a, "netns", h, "type", "veth", "peer", "name", b, "netns", peer)
-            ip("-n", h, "addr", "add", f"10.77.{net}.1/24", "dev", a)
-            ip("-n", peer, "addr", "add", f"10.77.{net}.2/24", "dev", b)
-            ip("-n", h, "addr", "add", f"{v6}::1/64", "dev", a, "nodad")
-            ip("-n", peer, "addr", "add", f"{v6}::2/64", "dev", b, "nodad")
-            for ns, dev in ((h, a), (peer, b)):
-                ip("-n", ns, "link", "set", dev, "up")
-                ip("-n", ns, "link", "set", "lo", "up")
-            srv = subprocess.Popen(["ip", "netns", "exec", peer, sys.executable, "-c", SERVER,
-                                    str(PORT)], stdout=subprocess.PIPE, text=True)  # fmt: skip
-            servers.append(srv)
-            assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with netns_lab("10.77", "fd77", "edr") as ns:
         state = tmp_path / "state"
         state.mkdir(mode=0o700)
-        lab = Lab(h, c, o, state)
-        assert lab.reach(CTRL) and lab.reach(OTHER) and lab.reach(OTHER6)
-        yield lab
-    finally:
-        for srv in servers:
-            srv.kill()
-            srv.wait(5)
-        for ns in names:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-    assert host_ruleset() == before, "the machine's own ruleset changed"
+        yield Lab(ns.host, ns.ctrl, ns.other, state)
 
 
 def test_block_ip_spares_controller_and_unblock_restores(lab: Lab) -> None:
