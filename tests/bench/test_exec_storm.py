@@ -359,6 +359,36 @@ def _gone(pid: int) -> bool:
     return stat[stat.rfind(")") + 2] in "ZX"  # dead, waiting for a reaper
 
 
+# A child that, like bpftrace 0.17 at times, lets the first SIGINT go by and stops on the next.
+MISSES_FIRST_SIGINT = """
+import signal, sys, time
+seen = []
+signal.signal(signal.SIGINT, lambda *_: seen.append(1))
+print("ready", flush=True)
+while len(seen) < 2:
+    time.sleep(0.05)
+print("stopped on", len(seen), flush=True)
+"""
+
+
+def test_stop_process_resends_the_signal_until_the_child_stops() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", MISSES_FIRST_SIGINT],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    t0 = time.monotonic()
+    es._stop_process(proc, es.signal.SIGINT, 20, resend_every=0.2)
+    assert proc.returncode == 0 and proc.stdout.read() == "stopped on 2\n"
+    assert time.monotonic() - t0 < 10
+
+
+def test_stop_process_kills_what_never_stops() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", MISSES_FIRST_SIGINT.replace("< 2", "< 99")],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    es._stop_process(proc, es.signal.SIGINT, 1.0, resend_every=0.2)
+    assert proc.returncode == -9
+
+
 @needs_cc
 def test_spawner_workers_die_with_it(spawner: Path) -> None:
     proc = subprocess.Popen([spawner, "2", "20000", "/bin/true", "m"], stdout=subprocess.PIPE)
