@@ -110,6 +110,11 @@ _SKELETONS: dict[Action, tuple[list[str], list[str], str]] = {
 _TIER_VALUES: dict[Tier, str] = {tier: tier.value for tier in Tier}
 
 
+def event_skeleton(action: Action) -> tuple[list[str], list[str], str]:
+    """``(event.category, event.type, event.action)`` of an action, shared: read-only."""
+    return _SKELETONS[action]
+
+
 def new_event(
     action: Action,
     *,

@@ -19,8 +19,9 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 . scripts/lib/packages.sh
 
+# gcc, python3-dev and libssl-dev build the sensor's compiled record path (sensor/_hotpath.c)
 packages=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools nftables iproute2
-          util-linux ca-certificates)
+          util-linux ca-certificates gcc python3-dev libssl-dev)
 if [ "$want_test" = 1 ]; then
     packages+=(bpftrace auditd chromium chromium-driver procps)
 fi
@@ -52,6 +53,9 @@ if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
     "$venv/bin/pip" install -q --disable-pip-version-check -e ".$extras"
     echo "$want" > "$stamp"
 fi
+# The compiled fork/exec/exit path; rebuilt when its source changed. A failure stops here: the
+# sensor would run, but slower, and the tests would not cover the path the sensor uses.
+"$venv/bin/python" -m sensor.build_hotpath
 # The unprivileged fallback tests run the sensor as 'nobody' from this venv.
 chmod -R a+rX "$venv" sensor backplane 2>/dev/null || true
 log "ready"

@@ -30,12 +30,17 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
-from backplane.schema import Action, Event, Family, Tier
-from sensor import procfs
+from backplane.schema import SCHEMA_VERSION, Action, Event, Family, Tier, event_skeleton
+from sensor import process_table, procfs
 from sensor.btf import task_offsets
 from sensor.capture import CaptureContext, Source, TierUnavailable, resolve_path
 from sensor.process_table import UNKNOWN, ProcessInfo
 from sensor.ringbuf import RingReader
+
+try:  # the compiled fork/exec/exit path (python -m sensor.build_hotpath); optional
+    from sensor import _hotpath
+except ImportError:
+    _hotpath = None
 
 log = logging.getLogger(__name__)
 
@@ -894,6 +899,47 @@ class TracepointSource(Source):
         # first write; bounded like the kernel's LRU map, oldest dropped first
         self._writes: OrderedDict[tuple[int, int], tuple[str, bool, int]] = OrderedDict()
         self._writes_by_pid: dict[int, set[int]] = {}  # tgid -> its open_ids in _writes
+        self._hot = self._compiled_path()
+
+    def _compiled_path(self) -> Any:
+        """The C record loop (sensor/_hotpath.c) when it is built and wanted, else ``None``.
+
+        ``EDR_HOTPATH=0`` forces the Python path (tests compare both).
+        """
+        if _hotpath is None or os.environ.get("EDR_HOTPATH", "1") == "0":
+            return None
+        try:
+            return _hotpath.Hot(
+                src=self,
+                table=self.ctx.table,
+                host=self.ctx.host,
+                tier=self.tier.value,
+                schema=SCHEMA_VERSION,
+                skeletons=tuple(event_skeleton(a) for a in (Action.FORK, Action.EXEC, Action.EXIT)),
+                by_tag=_BY_TAG,
+                decode_error=DecodeError,
+                unknown=UNKNOWN,
+                info_type=ProcessInfo,
+                user_names=process_table._user_names,
+                user_name=process_table.user_name,
+                resolve_path=resolve_path,
+                realpath=self._realpath,
+                proc_link=procfs.link,
+                proc_cmdline=procfs.cmdline,
+                proc_loginuid=procfs.loginuid,
+                clk_tck=procfs.CLK_TCK,
+                exited_kept=process_table.EXITED_KEPT,
+                record_failed=self._record_failed,
+            )
+        except (TypeError, AttributeError, ValueError) as exc:
+            # e.g. a ProcessInfo with a field the C side does not know: correct, just slower
+            log.warning("%s: compiled record path unusable (%s); using Python", self.name, exc)
+            return None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether fork, exec and exit records go through the C path."""
+        return self._hot is not None
 
     # -- availability ---------------------------------------------------------------------
 
@@ -1018,20 +1064,28 @@ class TracepointSource(Source):
 
     def _handle(self, records: list[bytes]) -> None:
         # one loop over a whole batch: the per-record work stays inside it
-        by_tag = _BY_TAG
         self.received += len(records)
+        if self._hot is not None:
+            self._hot.handle(records, self._pending)  # the same loop, in C
+            return
+        by_tag = _BY_TAG
         for raw in records:
             try:
                 handler = by_tag.get(record_type(raw))
                 if handler is None:
                     raise DecodeError(f"record with unknown type tag {record_type(raw)}")
                 handler(self, raw)
-            except (DecodeError, struct.error) as exc:
-                self.decode_errors += 1
-                log.warning("%s: undecodable record of %d bytes: %s", self.name, len(raw), exc)
-            except Exception:
-                self.handler_errors += 1
-                log.exception("%s: handling a record failed", self.name)
+            except Exception as exc:
+                self._record_failed(raw, exc)
+
+    def _record_failed(self, raw: bytes, exc: Exception) -> None:
+        """A record that could not be handled: counted and logged, never fatal."""
+        if isinstance(exc, DecodeError | struct.error):
+            self.decode_errors += 1
+            log.warning("%s: undecodable record of %d bytes: %s", self.name, len(raw), exc)
+        else:
+            self.handler_errors += 1
+            log.error("%s: handling a record failed", self.name, exc_info=exc)
 
     def close(self) -> None:
         with self._lock:

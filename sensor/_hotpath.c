@@ -1,0 +1,1483 @@
+/* The BPF tiers' process records (fork, exec, exit) turned into table updates and ECS events
+ * in C: the compiled twin of _on_fork, _on_exec and _on_exit in sensor/ebpf.py and of the
+ * ProcessTable methods they call (fork, exec, exit, ecs).
+ *
+ * An exec storm brings three records per spawn, and in Python each one costs several
+ * microseconds of interpreter overhead; the sensor's CPU budget is a quarter of auditd's.
+ * This module does the same work on the same objects: the table's dicts, ProcessInfo
+ * instances (whose slots it reads and writes directly), the same ECS fragment cache. Events
+ * are the same dicts, in the same key order. Every other record type, and every rare path
+ * (a process unknown to the table, argv missing, cwd unknown, a new cgroup), calls the
+ * Python code, so there is one implementation of each of those.
+ *
+ * tests/bpf/test_hotpath.py feeds the same records to both paths and compares the events
+ * (as JSON, so key order counts), the counters and the table. The sensor uses the Python path
+ * when this module is not built (scripts/setup.sh builds it) or EDR_HOTPATH=0.
+ *
+ * Layouts come from bpf/events.h, the header the BPF programs are compiled with.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <linux/types.h>
+#include <openssl/evp.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include "bpf/events.h"
+
+/* ProcessInfo's fields, in declaration order; init checks the class has exactly these. */
+enum {
+    F_PID,
+    F_PPID,
+    F_START_TICKS,
+    F_ENTITY_ID,
+    F_COMM,
+    F_EXECUTABLE,
+    F_ARGS,
+    F_ARGS_TRUNCATED,
+    F_CWD,
+    F_UID,
+    F_GID,
+    F_LOGINUID,
+    F_CONTAINER_ID,
+    F_SHA256,
+    F_EXIT_CODE,
+    F_ECS_CACHE,
+    F_COUNT,
+};
+static const char *const FIELD_NAMES[F_COUNT] = {
+    "pid", "ppid", "start_ticks", "entity_id", "comm", "executable", "args", "args_truncated",
+    "cwd", "uid", "gid", "loginuid", "container_id", "sha256", "exit_code", "ecs_cache",
+};
+
+enum { A_FORK, A_EXEC, A_EXIT, A_COUNT };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *src;          /* the TracepointSource */
+    PyTypeObject *info_type; /* ProcessInfo */
+    Py_ssize_t off[F_COUNT]; /* slot offsets in a ProcessInfo */
+    PyObject *live;         /* table._live (dict) */
+    PyObject *exited;       /* table._exited (OrderedDict) */
+    PyObject *containers;   /* table._containers (dict) */
+    PyObject *lock;         /* table._lock */
+    PyObject *table;
+    PyObject *host;
+    PyObject *tier;         /* str */
+    PyObject *schema;       /* int */
+    PyObject *skel[A_COUNT][3]; /* category list, type list, action str */
+    PyObject *by_tag;       /* dict int -> Python handler */
+    PyObject *decode_error; /* DecodeError class */
+    PyObject *unknown;      /* UNKNOWN */
+    PyObject *user_names;   /* process_table._user_names */
+    PyObject *user_name;    /* process_table.user_name */
+    PyObject *resolve_path; /* capture.resolve_path */
+    PyObject *realpath;     /* src._realpath */
+    PyObject *proc_link, *proc_cmdline, *proc_loginuid;
+    PyObject *emit;         /* ctx.emit, read by handle() when there is no pending list */
+    PyObject *record_failed; /* src._record_failed(raw, exc) */
+    char id_prefix[256];
+    Py_ssize_t id_prefix_len;
+    int cgroup_ids_usable;
+    long clk_tck;
+    Py_ssize_t exited_kept;
+    /* per handle() call */
+    PyObject *pending;      /* list or NULL: emit through self->emit */
+    PyObject *writes_by_pid;
+    PyObject *boot_epoch;   /* int */
+    long long boot_epoch_ns;
+    int emit_forks, process;
+    /* the last second formatted by iso_timestamp */
+    long long ts_sec;
+    char ts_text[80];
+} Hot;
+
+/* interned strings */
+static PyObject *s_kind, *s_event, *s_category, *s_type, *s_action, *s_timestamp, *s_host,
+    *s_edr, *s_tier, *s_schema, *s_process, *s_pid, *s_entity_id, *s_name, *s_executable,
+    *s_args, *s_args_count, *s_command_line, *s_args_truncated, *s_working_directory, *s_start,
+    *s_parent, *s_user, *s_id, *s_audit, *s_group, *s_container, *s_hash, *s_sha256,
+    *s_exit_code, *s_thread, *s_exit_signal, *s_space, *s_exe, *s_cwd, *s_acquire, *s_release,
+    *s_move_to_end, *s_popitem, *s_lookup, *s_refresh_container, *s_container_for,
+    *s_forget_writes, *s_cloexec_only, *s_boot_epoch_ns, *s_empty;
+
+#define SLOT(o, i) (*(PyObject **)((char *)(o) + self->off[i]))
+
+static inline uint32_t rd32(const char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline int32_t rds32(const char *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t rd64(const char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* A slot's value (borrowed); AttributeError when it was never set, as in Python. */
+static PyObject *get_slot(Hot *self, PyObject *o, int i)
+{
+    PyObject *v = SLOT(o, i);
+    if (v == NULL)
+        PyErr_Format(PyExc_AttributeError, "'%s' object has no attribute '%s'",
+                     Py_TYPE(o)->tp_name, FIELD_NAMES[i]);
+    return v;
+}
+
+/* Set a slot; steals nothing (takes a new reference to v). */
+static void set_slot(Hot *self, PyObject *o, int i, PyObject *v)
+{
+    PyObject *old = SLOT(o, i);
+    Py_INCREF(v);
+    SLOT(o, i) = v;
+    Py_XDECREF(old);
+}
+
+static int check_info(Hot *self, PyObject *o)
+{
+    if (Py_TYPE(o) != self->info_type) {
+        PyErr_Format(PyExc_TypeError, "process table holds a %s, not a ProcessInfo",
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *decode_error(Hot *self, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    PyObject *msg = PyUnicode_FromFormatV(fmt, ap);
+    va_end(ap);
+    if (msg != NULL) {
+        PyErr_SetObject(self->decode_error, msg);
+        Py_DECREF(msg);
+    }
+    return NULL;
+}
+
+/* _cstr: up to the first NUL, UTF-8 with undecodable bytes as \xNN escapes. */
+static PyObject *cstr(const char *p, size_t max)
+{
+    const char *end = memchr(p, 0, max);
+    return PyUnicode_DecodeUTF8(p, end ? end - p : (Py_ssize_t)max, "backslashreplace");
+}
+
+/* -- table helpers ------------------------------------------------------------------------- */
+
+static int lock(Hot *self)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(self->lock, s_acquire);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int unlock(Hot *self)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(self->lock, s_release);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* ProcessTable.get: live, else recently exited, else NULL without an error (borrowed). */
+static PyObject *table_get(Hot *self, PyObject *pid)
+{
+    PyObject *info = PyDict_GetItemWithError(self->live, pid);
+    if (info == NULL && !PyErr_Occurred())
+        info = PyDict_GetItemWithError(self->exited, pid);
+    return info;
+}
+
+/* ProcessTable.lookup (new reference): the Python method reads /proc for unknown pids. */
+static PyObject *table_lookup(Hot *self, PyObject *pid)
+{
+    PyObject *info = table_get(self, pid);
+    if (info != NULL) {
+        Py_INCREF(info);
+    } else if (!PyErr_Occurred()) {
+        info = PyObject_CallMethodOneArg(self->table, s_lookup, pid);
+    }
+    if (info != NULL && check_info(self, info) < 0)
+        Py_CLEAR(info);
+    return info;
+}
+
+/* ProcessTable.entity_id: urlsafe base64 of sha256("<prefix><pid>:<start ticks>")[:18]. */
+static PyObject *entity_id(Hot *self, unsigned long pid, unsigned long long start_ticks)
+{
+    static const char b64[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    char buf[320];
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    char out[24];
+    memcpy(buf, self->id_prefix, self->id_prefix_len);
+    int n = snprintf(buf + self->id_prefix_len, sizeof buf - self->id_prefix_len, "%lu:%llu",
+                     pid, start_ticks);
+    if (!EVP_Digest(buf, self->id_prefix_len + n, md, &mdlen, EVP_sha256(), NULL)) {
+        PyErr_SetString(PyExc_RuntimeError, "SHA-256 failed");
+        return NULL;
+    }
+    for (int i = 0, j = 0; i < 18; i += 3, j += 4) {
+        uint32_t v = (uint32_t)md[i] << 16 | (uint32_t)md[i + 1] << 8 | md[i + 2];
+        out[j] = b64[v >> 18];
+        out[j + 1] = b64[(v >> 12) & 63];
+        out[j + 2] = b64[(v >> 6) & 63];
+        out[j + 3] = b64[v & 63];
+    }
+    return PyUnicode_FromStringAndSize(out, 24);
+}
+
+/* backplane.schema.iso_timestamp: seconds formatted once per second, then the microseconds.
+ * Nanoseconds are 128-bit: datetime reaches year 9999, beyond a long long of nanoseconds. */
+static PyObject *iso_timestamp(Hot *self, __int128 ns)
+{
+    __int128 sec = ns / 1000000000, us = ns / 1000;
+    if (ns % 1000000000 < 0)
+        sec -= 1; /* floor division, as Python's // */
+    if (ns % 1000 < 0)
+        us -= 1;
+    us %= 1000000;
+    if (us < 0)
+        us += 1000000;
+    if (sec != self->ts_sec || self->ts_text[0] == 0) {
+        /* datetime's range: years 1 to 9999 */
+        if (sec < -62135596800LL || sec > 253402300799LL) {
+            PyErr_SetString(PyExc_ValueError, "timestamp is out of range");
+            return NULL;
+        }
+        time_t t = (time_t)sec;
+        struct tm tm;
+        if (gmtime_r(&t, &tm) == NULL) {
+            PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
+            return NULL;
+        }
+        snprintf(self->ts_text, sizeof self->ts_text, "%04d-%02d-%02dT%02d:%02d:%02d",
+                 tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+        self->ts_sec = (long long)sec;
+    }
+    char out[96];
+    int n = snprintf(out, sizeof out, "%s.%06dZ", self->ts_text, (int)us);
+    return PyUnicode_FromStringAndSize(out, n);
+}
+
+static PyObject *iso_timestamp_obj(Hot *self, PyObject *ns)
+{
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(ns, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    if (overflow) { /* far beyond a long long: beyond datetime too */
+        PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
+        return NULL;
+    }
+    return iso_timestamp(self, v);
+}
+
+/* ProcessInfo.name: the executable's base name, else comm (new reference). */
+static PyObject *info_name(Hot *self, PyObject *info)
+{
+    PyObject *exe = get_slot(self, info, F_EXECUTABLE);
+    if (exe == NULL)
+        return NULL;
+    if (PyObject_IsTrue(exe) == 1) {
+        if (!PyUnicode_Check(exe)) {
+            PyErr_Format(PyExc_TypeError, "executable is a %s, not a str", Py_TYPE(exe)->tp_name);
+            return NULL;
+        }
+        Py_ssize_t len = PyUnicode_GET_LENGTH(exe);
+        Py_ssize_t slash = PyUnicode_FindChar(exe, '/', 0, len, -1);
+        if (slash == -2)
+            return NULL;
+        return PyUnicode_Substring(exe, slash + 1, len);
+    }
+    PyObject *comm = get_slot(self, info, F_COMM);
+    Py_XINCREF(comm);
+    return comm;
+}
+
+static int set_str(PyObject *d, PyObject *key, PyObject *value)
+{
+    /* steals value */
+    if (value == NULL)
+        return -1;
+    int rc = PyDict_SetItem(d, key, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* {"id": str(value)} */
+static PyObject *id_dict(PyObject *value)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return NULL;
+    if (set_str(d, s_id, PyObject_Str(value)) < 0) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+/* ProcessTable._build_ecs */
+static PyObject *build_ecs(Hot *self, PyObject *info, PyObject *parent)
+{
+    PyObject *proc = NULL, *pfields = NULL, *fields = NULL, *v, *user = NULL;
+    for (int i = 0; i < F_COUNT; i++)
+        if (get_slot(self, info, i) == NULL)
+            return NULL;
+    proc = PyDict_New();
+    if (proc == NULL)
+        return NULL;
+    if (PyDict_SetItem(proc, s_pid, SLOT(info, F_PID)) < 0 ||
+        PyDict_SetItem(proc, s_entity_id, SLOT(info, F_ENTITY_ID)) < 0 ||
+        set_str(proc, s_name, info_name(self, info)) < 0)
+        goto fail;
+    v = SLOT(info, F_EXECUTABLE);
+    int t = PyObject_IsTrue(v);
+    if (t < 0 || (t && PyDict_SetItem(proc, s_executable, v) < 0))
+        goto fail;
+    v = SLOT(info, F_ARGS);
+    t = PyObject_IsTrue(v);
+    if (t < 0)
+        goto fail;
+    if (t) {
+        Py_ssize_t n = PyObject_Size(v);
+        if (n < 0 || PyDict_SetItem(proc, s_args, v) < 0 ||
+            set_str(proc, s_args_count, PyLong_FromSsize_t(n)) < 0 ||
+            set_str(proc, s_command_line, PyUnicode_Join(s_space, v)) < 0)
+            goto fail;
+        t = PyObject_IsTrue(SLOT(info, F_ARGS_TRUNCATED));
+        if (t < 0 || (t && PyDict_SetItem(proc, s_args_truncated, Py_True) < 0))
+            goto fail;
+    }
+    v = SLOT(info, F_CWD);
+    t = PyObject_IsTrue(v);
+    if (t < 0 || (t && PyDict_SetItem(proc, s_working_directory, v) < 0))
+        goto fail;
+    v = SLOT(info, F_START_TICKS);
+    t = PyObject_IsTrue(v);
+    if (t < 0)
+        goto fail;
+    if (t) {
+        /* boot_epoch_ns + start_ticks * 1_000_000_000 // CLK_TCK, in Python integers */
+        PyObject *giga = PyLong_FromLong(1000000000L), *tck = PyLong_FromLong(self->clk_tck);
+        PyObject *a = giga ? PyNumber_Multiply(v, giga) : NULL;
+        PyObject *b = a && tck ? PyNumber_FloorDivide(a, tck) : NULL;
+        PyObject *ns = b ? PyNumber_Add(self->boot_epoch, b) : NULL;
+        Py_XDECREF(giga);
+        Py_XDECREF(tck);
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        if (ns == NULL)
+            goto fail;
+        PyObject *ts = iso_timestamp_obj(self, ns);
+        Py_DECREF(ns);
+        if (set_str(proc, s_start, ts) < 0)
+            goto fail;
+    }
+    pfields = PyDict_New();
+    if (pfields == NULL || PyDict_SetItem(pfields, s_pid, SLOT(info, F_PPID)) < 0)
+        goto fail;
+    if (parent != NULL) {
+        for (int i = 0; i < F_COUNT; i++)
+            if (get_slot(self, parent, i) == NULL)
+                goto fail;
+        if (PyDict_SetItem(pfields, s_entity_id, SLOT(parent, F_ENTITY_ID)) < 0 ||
+            set_str(pfields, s_name, info_name(self, parent)) < 0)
+            goto fail;
+        v = SLOT(parent, F_EXECUTABLE);
+        t = PyObject_IsTrue(v);
+        if (t < 0 || (t && PyDict_SetItem(pfields, s_executable, v) < 0))
+            goto fail;
+        v = SLOT(parent, F_ARGS);
+        t = PyObject_IsTrue(v);
+        if (t < 0 || (t && set_str(pfields, s_command_line, PyUnicode_Join(s_space, v)) < 0))
+            goto fail;
+    }
+    if (PyDict_SetItem(proc, s_parent, pfields) < 0)
+        goto fail;
+    Py_CLEAR(pfields);
+    fields = PyDict_New();
+    if (fields == NULL || PyDict_SetItem(fields, s_process, proc) < 0)
+        goto fail;
+    Py_CLEAR(proc);
+    v = SLOT(info, F_UID);
+    if (v != Py_None) {
+        user = id_dict(v);
+        if (user == NULL)
+            goto fail;
+        PyObject *name = PyDict_GetItemWithError(self->user_names, v);
+        if (name != NULL) {
+            Py_INCREF(name);
+        } else if (PyErr_Occurred()) {
+            goto fail;
+        } else {
+            name = PyObject_CallOneArg(self->user_name, v);
+            if (name == NULL)
+                goto fail;
+        }
+        t = PyObject_IsTrue(name);
+        if (t < 0 || (t && PyDict_SetItem(user, s_name, name) < 0)) {
+            Py_DECREF(name);
+            goto fail;
+        }
+        Py_DECREF(name);
+        v = SLOT(info, F_LOGINUID);
+        if (v != Py_None && set_str(user, s_audit, id_dict(v)) < 0)
+            goto fail;
+        if (PyDict_SetItem(fields, s_user, user) < 0)
+            goto fail;
+        Py_CLEAR(user);
+    }
+    v = SLOT(info, F_GID);
+    if (v != Py_None && set_str(fields, s_group, id_dict(v)) < 0)
+        goto fail;
+    v = SLOT(info, F_CONTAINER_ID);
+    t = PyObject_IsTrue(v);
+    if (t < 0)
+        goto fail;
+    if (t) {
+        PyObject *c = PyDict_New();
+        if (c == NULL || PyDict_SetItem(c, s_id, v) < 0) {
+            Py_XDECREF(c);
+            goto fail;
+        }
+        if (set_str(fields, s_container, c) < 0)
+            goto fail;
+    }
+    return fields;
+fail:
+    Py_XDECREF(proc);
+    Py_XDECREF(pfields);
+    Py_XDECREF(fields);
+    Py_XDECREF(user);
+    return NULL;
+}
+
+/* ProcessTable.ecs: the cached fragment, copied where events extend it (new reference). */
+static PyObject *ecs(Hot *self, PyObject *info)
+{
+    PyObject *parent = NULL, *key = NULL, *fields = NULL, *proc = NULL;
+    for (int i = 0; i < F_COUNT; i++)
+        if (get_slot(self, info, i) == NULL)
+            return NULL;
+    PyObject *ppid = SLOT(info, F_PPID);
+    int t = PyObject_IsTrue(ppid);
+    if (t < 0)
+        return NULL;
+    if (t) {
+        parent = table_get(self, ppid);
+        if (parent == NULL && PyErr_Occurred())
+            return NULL;
+        if (parent != NULL && check_info(self, parent) < 0)
+            return NULL;
+        if (parent != NULL)
+            for (int i = 0; i < F_COUNT; i++)
+                if (get_slot(self, parent, i) == NULL)
+                    return NULL;
+    }
+    key = PyTuple_Pack(9, SLOT(info, F_EXECUTABLE), SLOT(info, F_COMM), SLOT(info, F_CWD), ppid,
+                       SLOT(info, F_CONTAINER_ID), parent ? parent : Py_None,
+                       parent ? SLOT(parent, F_EXECUTABLE) : Py_None,
+                       parent ? SLOT(parent, F_ARGS) : Py_None,
+                       parent ? SLOT(parent, F_COMM) : Py_None);
+    if (key == NULL)
+        return NULL;
+    PyObject *cached = SLOT(info, F_ECS_CACHE);
+    int hit = 0;
+    if (cached != Py_None) {
+        if (!PyTuple_Check(cached) || PyTuple_GET_SIZE(cached) != 2) {
+            PyErr_SetString(PyExc_TypeError, "ProcessInfo.ecs_cache is not a (key, fields) pair");
+            goto fail;
+        }
+        hit = PyObject_RichCompareBool(PyTuple_GET_ITEM(cached, 0), key, Py_EQ);
+        if (hit < 0)
+            goto fail;
+    }
+    if (!hit) {
+        PyObject *built = build_ecs(self, info, parent);
+        if (built == NULL)
+            goto fail;
+        PyObject *pair = PyTuple_Pack(2, key, built);
+        Py_DECREF(built);
+        if (pair == NULL)
+            goto fail;
+        set_slot(self, info, F_ECS_CACHE, pair);
+        Py_DECREF(pair);
+        cached = pair; /* held by the slot */
+    }
+    Py_CLEAR(key);
+    PyObject *frag = PyTuple_GET_ITEM(cached, 1);
+    if (!PyDict_Check(frag)) {
+        PyErr_SetString(PyExc_TypeError, "ProcessInfo.ecs_cache fields are not a dict");
+        goto fail;
+    }
+    fields = PyDict_Copy(frag);
+    if (fields == NULL)
+        goto fail;
+    PyObject *p = PyDict_GetItemWithError(fields, s_process);
+    if (p == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetObject(PyExc_KeyError, s_process);
+        goto fail;
+    }
+    proc = PyDict_Copy(p);
+    if (proc == NULL || PyDict_SetItem(fields, s_process, proc) < 0)
+        goto fail;
+    PyObject *sha = SLOT(info, F_SHA256);
+    t = PyObject_IsTrue(sha);
+    if (t < 0)
+        goto fail;
+    if (t) {
+        PyObject *h = PyDict_New();
+        if (h == NULL || PyDict_SetItem(h, s_sha256, sha) < 0) {
+            Py_XDECREF(h);
+            goto fail;
+        }
+        if (set_str(proc, s_hash, h) < 0)
+            goto fail;
+    }
+    PyObject *code = SLOT(info, F_EXIT_CODE);
+    if (code != Py_None && PyDict_SetItem(proc, s_exit_code, code) < 0)
+        goto fail;
+    Py_DECREF(proc);
+    return fields;
+fail:
+    Py_XDECREF(key);
+    Py_XDECREF(fields);
+    Py_XDECREF(proc);
+    return NULL;
+}
+
+/* Source.event: backplane.schema.new_event plus the process fields (new reference). */
+static PyObject *make_event(Hot *self, int action, PyObject *info, uint64_t ktime)
+{
+    PyObject *ev = NULL, *event = NULL, *edr = NULL, *fields = NULL;
+    __int128 epoch_ns = (__int128)self->boot_epoch_ns + (__int128)ktime;
+    event = PyDict_New();
+    if (event == NULL || PyDict_SetItem(event, s_kind, s_event) < 0 ||
+        PyDict_SetItem(event, s_category, self->skel[action][0]) < 0 ||
+        PyDict_SetItem(event, s_type, self->skel[action][1]) < 0 ||
+        PyDict_SetItem(event, s_action, self->skel[action][2]) < 0)
+        goto fail;
+    ev = PyDict_New();
+    if (ev == NULL || set_str(ev, s_timestamp, iso_timestamp(self, epoch_ns)) < 0 ||
+        PyDict_SetItem(ev, s_event, event) < 0 || PyDict_SetItem(ev, s_host, self->host) < 0)
+        goto fail;
+    Py_CLEAR(event);
+    edr = PyDict_New();
+    if (edr == NULL || PyDict_SetItem(edr, s_tier, self->tier) < 0 ||
+        PyDict_SetItem(edr, s_schema, self->schema) < 0 || PyDict_SetItem(ev, s_edr, edr) < 0)
+        goto fail;
+    Py_CLEAR(edr);
+    fields = ecs(self, info);
+    if (fields == NULL || PyDict_Update(ev, fields) < 0)
+        goto fail;
+    Py_DECREF(fields);
+    return ev;
+fail:
+    Py_XDECREF(ev);
+    Py_XDECREF(event);
+    Py_XDECREF(edr);
+    Py_XDECREF(fields);
+    return NULL;
+}
+
+static int emit(Hot *self, PyObject *ev)
+{
+    if (self->pending != NULL)
+        return PyList_Append(self->pending, ev);
+    PyObject *r = PyObject_CallOneArg(self->emit, ev);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int forget_writes(Hot *self, PyObject *pid, int cloexec_only)
+{
+    int has = PyDict_Contains(self->writes_by_pid, pid);
+    if (has <= 0)
+        return has;
+    PyObject *meth = PyObject_GetAttr(self->src, s_forget_writes);
+    if (meth == NULL)
+        return -1;
+    PyObject *r;
+    if (cloexec_only) {
+        PyObject *args[2] = {pid, Py_True};
+        PyObject *names = PyTuple_Pack(1, s_cloexec_only);
+        r = names ? PyObject_Vectorcall(meth, args, 1, names) : NULL;
+        Py_XDECREF(names);
+    } else {
+        r = PyObject_CallOneArg(meth, pid);
+    }
+    Py_DECREF(meth);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* -- records ------------------------------------------------------------------------------- */
+
+static int rec_fork(Hot *self, const char *raw, Py_ssize_t len)
+{
+    if (len < (Py_ssize_t)sizeof(struct edr_fork_event)) {
+        decode_error(self, "fork record is %zd bytes, expected at least %zu", len,
+                     sizeof(struct edr_fork_event));
+        return -1;
+    }
+    const char *b = raw;
+    uint32_t ppid_v = rd32(b + offsetof(struct edr_fork_event, ppid));
+    uint32_t pid_v = rd32(b + offsetof(struct edr_fork_event, child_pid));
+    uint64_t start_v = rd64(b + offsetof(struct edr_fork_event, child_start_ticks));
+    uint32_t flags = rd32(b + offsetof(struct edr_fork_event, flags));
+    uint64_t ktime = rd64(b + offsetof(struct edr_header, ktime_ns));
+    PyObject *ppid = PyLong_FromUnsignedLong(ppid_v), *pid = PyLong_FromUnsignedLong(pid_v);
+    PyObject *start = PyLong_FromUnsignedLongLong(start_v), *eid = NULL, *child = NULL;
+    int rc = -1, locked = 0;
+    if (ppid == NULL || pid == NULL || start == NULL)
+        goto out;
+    /* ProcessTable.fork */
+    if (lock(self) < 0)
+        goto out;
+    locked = 1;
+    PyObject *parent = PyDict_GetItemWithError(self->live, ppid);
+    if (parent == NULL && PyErr_Occurred())
+        goto out;
+    if (parent != NULL && check_info(self, parent) < 0)
+        goto out;
+    eid = entity_id(self, pid_v, start_v);
+    if (eid == NULL)
+        goto out;
+    child = self->info_type->tp_alloc(self->info_type, 0);
+    if (child == NULL)
+        goto out;
+    set_slot(self, child, F_PID, pid);
+    set_slot(self, child, F_PPID, ppid);
+    set_slot(self, child, F_START_TICKS, start);
+    set_slot(self, child, F_ENTITY_ID, eid);
+    set_slot(self, child, F_SHA256, Py_None);
+    set_slot(self, child, F_EXIT_CODE, Py_None);
+    set_slot(self, child, F_ECS_CACHE, Py_None);
+    if (parent != NULL) {
+        static const int inherited[] = {F_COMM, F_EXECUTABLE, F_ARGS, F_ARGS_TRUNCATED, F_CWD,
+                                        F_UID, F_GID, F_LOGINUID, F_CONTAINER_ID, F_SHA256};
+        for (size_t i = 0; i < sizeof inherited / sizeof inherited[0]; i++) {
+            PyObject *v = get_slot(self, parent, inherited[i]);
+            if (v == NULL)
+                goto out;
+            set_slot(self, child, inherited[i], v);
+        }
+    } else {
+        PyObject *args = PyList_New(0);
+        if (args == NULL)
+            goto out;
+        set_slot(self, child, F_ARGS, args);
+        Py_DECREF(args);
+        set_slot(self, child, F_COMM, s_empty);
+        set_slot(self, child, F_EXECUTABLE, Py_None);
+        set_slot(self, child, F_ARGS_TRUNCATED, Py_False);
+        set_slot(self, child, F_CWD, Py_None);
+        set_slot(self, child, F_UID, Py_None);
+        set_slot(self, child, F_GID, Py_None);
+        set_slot(self, child, F_LOGINUID, Py_None);
+        set_slot(self, child, F_CONTAINER_ID, Py_None);
+    }
+    if (PyDict_SetItem(self->live, pid, child) < 0)
+        goto out;
+    locked = 0;
+    if (unlock(self) < 0)
+        goto out;
+    if (flags & EDR_FORK_INTO_CGROUP) {
+        PyObject *r = PyObject_CallMethodOneArg(self->table, s_refresh_container, pid);
+        if (r == NULL)
+            goto out;
+        Py_DECREF(r);
+    }
+    if (self->emit_forks && self->process) {
+        PyObject *ev = make_event(self, A_FORK, child, ktime);
+        if (ev == NULL || emit(self, ev) < 0) {
+            Py_XDECREF(ev);
+            goto out;
+        }
+        Py_DECREF(ev);
+    }
+    rc = 0;
+out:
+    if (locked) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (unlock(self) < 0) {
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+        } else {
+            PyErr_Restore(et, ev, tb);
+        }
+    }
+    Py_XDECREF(ppid);
+    Py_XDECREF(pid);
+    Py_XDECREF(start);
+    Py_XDECREF(eid);
+    Py_XDECREF(child);
+    return rc;
+}
+
+/* Is os.path.normpath(path) == path for this absolute path? (no //, /./, /../, trailing /) */
+static int is_normal_abs(const char *p, Py_ssize_t n)
+{
+    if (n < 1 || p[0] != '/')
+        return 0;
+    if (n == 1)
+        return 1;
+    if (p[n - 1] == '/')
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] != '/')
+            continue;
+        const char *seg = p + i + 1;
+        Py_ssize_t rest = n - i - 1;
+        if (rest > 0 && seg[0] == '/')
+            return 0;
+        if (rest >= 1 && seg[0] == '.' && (rest == 1 || seg[1] == '/'))
+            return 0;
+        if (rest >= 2 && seg[0] == '.' && seg[1] == '.' && (rest == 2 || seg[2] == '/'))
+            return 0;
+    }
+    return 1;
+}
+
+/* split_args: NUL-separated strings, the empty string after a last NUL dropped. */
+static PyObject *split_args(const char *buf, size_t size, uint32_t count)
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    size_t pos = 0;
+    uint32_t taken = 0;
+    while (pos <= size && taken < count) {
+        const char *nul = memchr(buf + pos, 0, size - pos);
+        size_t end = nul ? (size_t)(nul - buf) : size;
+        if (nul == NULL && end == pos)
+            break; /* nothing after the last NUL (or an empty buffer) */
+        PyObject *s = PyUnicode_DecodeUTF8(buf + pos, end - pos, "backslashreplace");
+        if (s == NULL || PyList_Append(out, s) < 0) {
+            Py_XDECREF(s);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(s);
+        taken++;
+        if (nul == NULL)
+            break;
+        pos = end + 1;
+    }
+    return out;
+}
+
+static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
+{
+    const Py_ssize_t fixed = offsetof(struct edr_exec_event, args);
+    if (len < fixed) {
+        decode_error(self, "exec record is %zd bytes, expected at least %zd", len, fixed);
+        return -1;
+    }
+    const char *b = raw;
+    uint32_t pid_v = rd32(b + offsetof(struct edr_header, pid));
+    uint32_t uid_v = rd32(b + offsetof(struct edr_header, uid));
+    uint32_t gid_v = rd32(b + offsetof(struct edr_header, gid));
+    uint64_t ktime = rd64(b + offsetof(struct edr_header, ktime_ns));
+    uint32_t old_pid = rd32(b + offsetof(struct edr_exec_event, old_pid));
+    uint32_t flags = rd32(b + offsetof(struct edr_exec_event, flags));
+    uint32_t count = rd32(b + offsetof(struct edr_exec_event, args_count));
+    uint32_t size = rd32(b + offsetof(struct edr_exec_event, args_size));
+    uint64_t cgroup_id = rd64(b + offsetof(struct edr_exec_event, cgroup_id));
+    uint32_t loginuid_v = rd32(b + offsetof(struct edr_exec_event, loginuid));
+    if (size > EDR_ARGS_MAX_BYTES || count > EDR_ARGS_MAX_COUNT) {
+        decode_error(self, "exec record claims %u args in %u bytes, beyond the bounds", count,
+                     size);
+        return -1;
+    }
+    if (len < fixed + (Py_ssize_t)size) {
+        decode_error(self, "exec record is %zd bytes, expected at least %zd", len,
+                     fixed + (Py_ssize_t)size);
+        return -1;
+    }
+    PyObject *args = NULL, *comm = NULL, *filename = NULL, *pid = NULL, *uid = NULL, *gid = NULL;
+    PyObject *loginuid = NULL, *exe = NULL, *info = NULL, *tmp = NULL, *argv = NULL;
+    int rc = -1, locked = 0, t;
+    if (!(flags & EDR_EXEC_NO_ARGS)) {
+        args = split_args(b + fixed, size, count);
+        if (args == NULL)
+            goto out;
+    } else {
+        args = Py_NewRef(Py_None);
+    }
+    comm = cstr(b + offsetof(struct edr_header, comm), EDR_COMM_LEN);
+    filename = cstr(b + offsetof(struct edr_exec_event, filename), EDR_PATH_LEN);
+    pid = PyLong_FromUnsignedLong(pid_v);
+    uid = PyLong_FromUnsignedLong(uid_v);
+    gid = PyLong_FromUnsignedLong(gid_v);
+    if (comm == NULL || filename == NULL || pid == NULL || uid == NULL || gid == NULL)
+        goto out;
+    PyObject *args_truncated = flags & EDR_EXEC_ARGS_TRUNCATED ? Py_True : Py_False;
+    if (!(flags & EDR_EXEC_HAVE_LOGINUID))
+        loginuid = Py_NewRef(self->unknown);
+    else if (loginuid_v == 0xFFFFFFFFu)
+        loginuid = Py_NewRef(Py_None);
+    else if ((loginuid = PyLong_FromUnsignedLong(loginuid_v)) == NULL)
+        goto out;
+
+    /* the executable: resolved against cwd, symlinks resolved (cached) */
+    if (PyUnicode_GET_LENGTH(filename) > 0) {
+        Py_ssize_t n;
+        const char *p = PyUnicode_AsUTF8AndSize(filename, &n);
+        if (p == NULL)
+            goto out;
+        if (is_normal_abs(p, n)) {
+            exe = Py_NewRef(filename);
+        } else {
+            PyObject *known = table_get(self, pid);
+            if (known == NULL && PyErr_Occurred())
+                goto out;
+            PyObject *cwd = Py_None;
+            if (known != NULL) {
+                if (check_info(self, known) < 0 || (cwd = get_slot(self, known, F_CWD)) == NULL)
+                    goto out;
+            }
+            exe = PyObject_CallFunctionObjArgs(self->resolve_path, filename, cwd, NULL);
+            if (exe == NULL)
+                goto out;
+        }
+        if (PyUnicode_Check(exe) && PyUnicode_GET_LENGTH(exe) > 0 &&
+            PyUnicode_READ_CHAR(exe, 0) == '/') {
+            Py_SETREF(exe, PyObject_CallOneArg(self->realpath, exe));
+            if (exe == NULL)
+                goto out;
+        }
+        if (!(PyUnicode_Check(exe) && PyUnicode_GET_LENGTH(exe) > 0 &&
+              PyUnicode_READ_CHAR(exe, 0) == '/'))
+            Py_SETREF(exe, Py_NewRef(Py_None));
+    } else {
+        exe = Py_NewRef(Py_None);
+    }
+
+    /* ProcessTable.exec(refresh=False, cgroups_tracked=True) */
+    info = table_lookup(self, pid);
+    if (info == NULL)
+        goto out;
+    for (int i = 0; i < F_COUNT; i++)
+        if (get_slot(self, info, i) == NULL)
+            goto out;
+    if (lock(self) < 0)
+        goto out;
+    locked = 1;
+    if (exe != Py_None) {
+        set_slot(self, info, F_EXECUTABLE, exe);
+    } else {
+        tmp = PyObject_CallFunctionObjArgs(self->proc_link, pid, s_exe, NULL);
+        if (tmp == NULL || (t = PyObject_IsTrue(tmp)) < 0)
+            goto out;
+        if (t)
+            set_slot(self, info, F_EXECUTABLE, tmp);
+        Py_CLEAR(tmp);
+    }
+    if (args == Py_None) {
+        argv = PyObject_CallOneArg(self->proc_cmdline, pid);
+        if (argv == NULL)
+            goto out;
+        if (argv != Py_None) {
+            PyObject *a, *tr;
+            if (!PyArg_ParseTuple(argv, "OO", &a, &tr))
+                goto out;
+            Py_SETREF(args, Py_NewRef(a));
+            args_truncated = tr;
+        }
+    }
+    if (args != Py_None) {
+        set_slot(self, info, F_ARGS, args);
+        set_slot(self, info, F_ARGS_TRUNCATED, args_truncated);
+    }
+    if (PyUnicode_GET_LENGTH(comm) > 0) {
+        set_slot(self, info, F_COMM, comm);
+    } else {
+        t = PyObject_IsTrue(SLOT(info, F_COMM));
+        if (t < 0)
+            goto out;
+        if (!t) {
+            tmp = info_name(self, info);
+            if (tmp == NULL)
+                goto out;
+            set_slot(self, info, F_COMM, tmp);
+            Py_CLEAR(tmp);
+        }
+    }
+    set_slot(self, info, F_UID, uid);
+    set_slot(self, info, F_GID, gid);
+    set_slot(self, info, F_SHA256, Py_None);
+    set_slot(self, info, F_ECS_CACHE, Py_None);
+    if (SLOT(info, F_CWD) == Py_None) {
+        tmp = PyObject_CallFunctionObjArgs(self->proc_link, pid, s_cwd, NULL);
+        if (tmp == NULL)
+            goto out;
+        if (tmp != Py_None)
+            set_slot(self, info, F_CWD, tmp);
+        Py_CLEAR(tmp);
+    }
+    if (cgroup_id && self->cgroup_ids_usable) {
+        PyObject *cg = PyLong_FromUnsignedLongLong(cgroup_id);
+        if (cg == NULL)
+            goto out;
+        PyObject *cid = PyDict_GetItemWithError(self->containers, cg);
+        if (cid != NULL) {
+            set_slot(self, info, F_CONTAINER_ID, cid);
+        } else if (!PyErr_Occurred()) {
+            tmp = PyObject_CallMethodObjArgs(self->table, s_container_for, cg, pid,
+                                             SLOT(info, F_CONTAINER_ID), NULL);
+            if (tmp != NULL)
+                set_slot(self, info, F_CONTAINER_ID, tmp);
+            Py_CLEAR(tmp);
+        }
+        Py_DECREF(cg);
+        if (PyErr_Occurred())
+            goto out;
+    }
+    if (loginuid != self->unknown) {
+        set_slot(self, info, F_LOGINUID, loginuid);
+    } else if (SLOT(info, F_LOGINUID) == Py_None) {
+        tmp = PyObject_CallOneArg(self->proc_loginuid, pid);
+        if (tmp == NULL)
+            goto out;
+        set_slot(self, info, F_LOGINUID, tmp);
+        Py_CLEAR(tmp);
+    }
+    if (PyDict_SetItem(self->live, pid, info) < 0)
+        goto out;
+    locked = 0;
+    if (unlock(self) < 0)
+        goto out;
+
+    if (forget_writes(self, pid, 1) < 0)
+        goto out;
+    if (self->process) {
+        PyObject *ev = make_event(self, A_EXEC, info, ktime);
+        if (ev == NULL)
+            goto out;
+        if (old_pid != pid_v) { /* exec from a non-leader thread */
+            PyObject *p = PyDict_GetItemWithError(ev, s_process), *th = NULL, *old = NULL;
+            int bad = p == NULL || (th = PyDict_New()) == NULL ||
+                      (old = PyLong_FromUnsignedLong(old_pid)) == NULL ||
+                      PyDict_SetItem(th, s_id, old) < 0 || PyObject_SetItem(p, s_thread, th) < 0;
+            Py_XDECREF(th);
+            Py_XDECREF(old);
+            if (bad) {
+                if (!PyErr_Occurred())
+                    PyErr_SetObject(PyExc_KeyError, s_process);
+                Py_DECREF(ev);
+                goto out;
+            }
+        }
+        if (emit(self, ev) < 0) {
+            Py_DECREF(ev);
+            goto out;
+        }
+        Py_DECREF(ev);
+    }
+    rc = 0;
+out:
+    if (locked) {
+        PyObject *et, *evv, *tb;
+        PyErr_Fetch(&et, &evv, &tb);
+        if (unlock(self) < 0) {
+            Py_XDECREF(et);
+            Py_XDECREF(evv);
+            Py_XDECREF(tb);
+        } else {
+            PyErr_Restore(et, evv, tb);
+        }
+    }
+    Py_XDECREF(args);
+    Py_XDECREF(comm);
+    Py_XDECREF(filename);
+    Py_XDECREF(pid);
+    Py_XDECREF(uid);
+    Py_XDECREF(gid);
+    Py_XDECREF(loginuid);
+    Py_XDECREF(exe);
+    Py_XDECREF(info);
+    Py_XDECREF(tmp);
+    Py_XDECREF(argv);
+    return rc;
+}
+
+static int rec_exit(Hot *self, const char *raw, Py_ssize_t len)
+{
+    if (len < (Py_ssize_t)sizeof(struct edr_exit_event)) {
+        decode_error(self, "exit record is %zd bytes, expected at least %zu", len,
+                     sizeof(struct edr_exit_event));
+        return -1;
+    }
+    const char *b = raw;
+    uint32_t pid_v = rd32(b + offsetof(struct edr_header, pid));
+    uint64_t ktime = rd64(b + offsetof(struct edr_header, ktime_ns));
+    int32_t code_v = rds32(b + offsetof(struct edr_exit_event, exit_code));
+    int32_t sig_v = rds32(b + offsetof(struct edr_exit_event, signal));
+    uint32_t flags = rd32(b + offsetof(struct edr_exit_event, flags));
+    long long signal = flags & EDR_EXIT_HAVE_SIGNAL ? sig_v : 0;
+    PyObject *pid = PyLong_FromUnsignedLong(pid_v), *code = NULL, *info = NULL, *r;
+    int rc = -1, locked = 0;
+    if (pid == NULL)
+        return -1;
+    /* killed by a signal: the code is -signal (see _on_exit) */
+    if (flags & EDR_EXIT_HAVE_CODE)
+        code = PyLong_FromLong(code_v);
+    else if (signal)
+        code = PyLong_FromLongLong(-signal);
+    else
+        code = Py_NewRef(Py_None);
+    if (code == NULL)
+        goto out;
+    /* ProcessTable.exit */
+    info = table_lookup(self, pid);
+    if (info == NULL || lock(self) < 0)
+        goto out;
+    locked = 1;
+    set_slot(self, info, F_EXIT_CODE, code);
+    if (PyDict_DelItem(self->live, pid) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError))
+            goto out;
+        PyErr_Clear();
+    }
+    if (PyObject_SetItem(self->exited, pid, info) < 0)
+        goto out;
+    r = PyObject_CallMethodOneArg(self->exited, s_move_to_end, pid);
+    if (r == NULL)
+        goto out;
+    Py_DECREF(r);
+    for (;;) {
+        Py_ssize_t n = PyObject_Size(self->exited);
+        if (n < 0)
+            goto out;
+        if (n <= self->exited_kept)
+            break;
+        r = PyObject_CallMethodOneArg(self->exited, s_popitem, Py_False);
+        if (r == NULL)
+            goto out;
+        Py_DECREF(r);
+    }
+    locked = 0;
+    if (unlock(self) < 0)
+        goto out;
+    if (forget_writes(self, pid, 0) < 0)
+        goto out;
+    if (self->process) {
+        PyObject *ev = make_event(self, A_EXIT, info, ktime);
+        if (ev == NULL)
+            goto out;
+        if (signal) {
+            PyObject *edr = PyDict_GetItemWithError(ev, s_edr);
+            PyObject *sig = PyLong_FromLongLong(signal);
+            int bad = edr == NULL || sig == NULL || PyObject_SetItem(edr, s_exit_signal, sig) < 0;
+            Py_XDECREF(sig);
+            if (bad) {
+                Py_DECREF(ev);
+                goto out;
+            }
+        }
+        if (emit(self, ev) < 0) {
+            Py_DECREF(ev);
+            goto out;
+        }
+        Py_DECREF(ev);
+    }
+    rc = 0;
+out:
+    if (locked) {
+        PyObject *et, *evv, *tb;
+        PyErr_Fetch(&et, &evv, &tb);
+        if (unlock(self) < 0) {
+            Py_XDECREF(et);
+            Py_XDECREF(evv);
+            Py_XDECREF(tb);
+        } else {
+            PyErr_Restore(et, evv, tb);
+        }
+    }
+    Py_XDECREF(pid);
+    Py_XDECREF(code);
+    Py_XDECREF(info);
+    return rc;
+}
+
+/* One record: a C handler for process records, the registered Python handler otherwise. */
+static int handle_one(Hot *self, PyObject *raw)
+{
+    if (!PyBytes_Check(raw)) {
+        PyErr_Format(PyExc_TypeError, "ring record is %s, not bytes", Py_TYPE(raw)->tp_name);
+        return -1;
+    }
+    const char *b = PyBytes_AS_STRING(raw);
+    Py_ssize_t len = PyBytes_GET_SIZE(raw);
+    if (len < 4) {
+        decode_error(self, "record of %zd bytes has no type tag", len);
+        return -1;
+    }
+    uint32_t tag = rd32(b);
+    switch (tag) {
+    case EDR_EV_FORK:
+        return rec_fork(self, b, len);
+    case EDR_EV_EXEC:
+        return rec_exec(self, b, len);
+    case EDR_EV_EXIT:
+        return rec_exit(self, b, len);
+    default:
+        break;
+    }
+    PyObject *key = PyLong_FromUnsignedLong(tag);
+    if (key == NULL)
+        return -1;
+    PyObject *handler = PyDict_GetItemWithError(self->by_tag, key);
+    Py_DECREF(key);
+    if (handler == NULL) {
+        if (!PyErr_Occurred())
+            decode_error(self, "record with unknown type tag %u", tag);
+        return -1;
+    }
+    PyObject *r = PyObject_CallFunctionObjArgs(handler, self->src, raw, NULL);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *Hot_handle(Hot *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[0]) || (args[1] != Py_None && !PyList_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "handle(records: list, pending: list | None)");
+        return NULL;
+    }
+    PyObject *records = args[0];
+    /* state that may change between batches */
+    PyObject *ctx = NULL, *flag = NULL, *writes = NULL, *boot = NULL;
+    int ok = 0;
+    if ((ctx = PyObject_GetAttrString(self->src, "ctx")) == NULL ||
+        (flag = PyObject_GetAttrString(ctx, "emit_forks")) == NULL ||
+        (self->emit_forks = PyObject_IsTrue(flag)) < 0)
+        goto done;
+    Py_CLEAR(flag);
+    if ((flag = PyObject_GetAttrString(self->src, "_process")) == NULL ||
+        (self->process = PyObject_IsTrue(flag)) < 0)
+        goto done;
+    if ((writes = PyObject_GetAttrString(self->src, "_writes_by_pid")) == NULL)
+        goto done;
+    if (!PyDict_Check(writes)) {
+        PyErr_SetString(PyExc_TypeError, "_writes_by_pid is not a dict");
+        goto done;
+    }
+    if ((boot = PyObject_GetAttr(self->table, s_boot_epoch_ns)) == NULL)
+        goto done;
+    self->boot_epoch_ns = PyLong_AsLongLong(boot);
+    if (self->boot_epoch_ns == -1 && PyErr_Occurred())
+        goto done;
+    if (args[1] == Py_None) { /* events go one by one to ctx.emit, read now */
+        PyObject *e = PyObject_GetAttrString(ctx, "emit");
+        if (e == NULL)
+            goto done;
+        Py_XSETREF(self->emit, e);
+    }
+    ok = 1;
+done:
+    Py_XDECREF(ctx);
+    Py_XDECREF(flag);
+    if (!ok) {
+        Py_XDECREF(writes);
+        Py_XDECREF(boot);
+        return NULL;
+    }
+    Py_XSETREF(self->writes_by_pid, writes);
+    Py_XSETREF(self->boot_epoch, boot);
+    self->pending = args[1] == Py_None ? NULL : args[1];
+    Py_XINCREF(self->pending);
+
+    PyObject *result = Py_None;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(records); i++) {
+        PyObject *raw = PyList_GET_ITEM(records, i);
+        Py_INCREF(raw);
+        if (handle_one(self, raw) < 0) {
+            /* as the Python loop: Exceptions are counted and logged, never fatal */
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                Py_DECREF(raw);
+                result = NULL;
+                break;
+            }
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            PyErr_NormalizeException(&et, &ev, &tb);
+            if (tb != NULL && ev != NULL)
+                PyException_SetTraceback(ev, tb);
+            PyObject *r = PyObject_CallFunctionObjArgs(self->record_failed, raw, ev, NULL);
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+            if (r == NULL) {
+                Py_DECREF(raw);
+                result = NULL;
+                break;
+            }
+            Py_DECREF(r);
+        }
+        Py_DECREF(raw);
+    }
+    Py_CLEAR(self->pending);
+    Py_XINCREF(result);
+    return result;
+}
+
+/* -- the type ------------------------------------------------------------------------------ */
+
+static PyObject *need(PyObject *kw, const char *name)
+{
+    PyObject *v = PyDict_GetItemString(kw, name);
+    if (v == NULL)
+        PyErr_Format(PyExc_TypeError, "Hot() needs %s", name);
+    return v;
+}
+
+static int Hot_init(Hot *self, PyObject *args, PyObject *kw)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || kw == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Hot() takes keyword arguments only");
+        return -1;
+    }
+    static const char *objects[] = {"src", "table", "host", "tier", "schema", "by_tag",
+                                    "decode_error", "unknown", "user_names", "user_name",
+                                    "resolve_path", "realpath", "proc_link", "proc_cmdline",
+                                    "proc_loginuid", "record_failed"};
+    PyObject **slots[] = {&self->src, &self->table, &self->host, &self->tier, &self->schema,
+                          &self->by_tag, &self->decode_error, &self->unknown, &self->user_names,
+                          &self->user_name, &self->resolve_path, &self->realpath,
+                          &self->proc_link, &self->proc_cmdline, &self->proc_loginuid,
+                          &self->record_failed};
+    for (size_t i = 0; i < sizeof objects / sizeof objects[0]; i++) {
+        PyObject *v = need(kw, objects[i]);
+        if (v == NULL)
+            return -1;
+        Py_XSETREF(*slots[i], Py_NewRef(v));
+    }
+    if (!PyDict_Check(self->by_tag) || !PyDict_Check(self->user_names) ||
+        !PyUnicode_Check(self->tier)) {
+        PyErr_SetString(PyExc_TypeError, "Hot(): by_tag and user_names must be dicts, tier a str");
+        return -1;
+    }
+    PyObject *info_type = need(kw, "info_type");
+    if (info_type == NULL)
+        return -1;
+    if (!PyType_Check(info_type)) {
+        PyErr_SetString(PyExc_TypeError, "info_type must be a class");
+        return -1;
+    }
+    /* ProcessInfo must be a slots class with exactly these fields */
+    PyObject *slot_names = PyObject_GetAttrString(info_type, "__slots__");
+    if (slot_names == NULL)
+        return -1;
+    Py_ssize_t nslots = PyObject_Size(slot_names);
+    Py_DECREF(slot_names);
+    if (nslots != F_COUNT) {
+        PyErr_Format(PyExc_TypeError, "ProcessInfo has %zd slots, the hot path knows %d", nslots,
+                     F_COUNT);
+        return -1;
+    }
+    for (int i = 0; i < F_COUNT; i++) {
+        PyObject *d = PyDict_GetItemString(((PyTypeObject *)info_type)->tp_dict, FIELD_NAMES[i]);
+        if (d == NULL || !PyObject_TypeCheck(d, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            PyErr_Format(PyExc_TypeError, "ProcessInfo.%s is not a slot", FIELD_NAMES[i]);
+            return -1;
+        }
+        self->off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+    }
+    Py_XSETREF(self->info_type, (PyTypeObject *)Py_NewRef(info_type));
+
+    static const char *table_attrs[] = {"_live", "_exited", "_containers", "_lock"};
+    PyObject **table_slots[] = {&self->live, &self->exited, &self->containers, &self->lock};
+    for (size_t i = 0; i < 4; i++) {
+        PyObject *v = PyObject_GetAttrString(self->table, table_attrs[i]);
+        if (v == NULL)
+            return -1;
+        Py_XSETREF(*table_slots[i], v);
+    }
+    if (!PyDict_CheckExact(self->live) || !PyDict_Check(self->exited) ||
+        !PyDict_Check(self->containers)) {
+        PyErr_SetString(PyExc_TypeError, "the process table's maps are not dicts");
+        return -1;
+    }
+    PyObject *prefix = PyObject_GetAttrString(self->table, "_id_prefix");
+    if (prefix == NULL)
+        return -1;
+    if (!PyBytes_Check(prefix) || PyBytes_GET_SIZE(prefix) > 200) {
+        Py_DECREF(prefix);
+        PyErr_SetString(PyExc_TypeError, "the table's id prefix is not bytes of at most 200");
+        return -1;
+    }
+    self->id_prefix_len = PyBytes_GET_SIZE(prefix);
+    memcpy(self->id_prefix, PyBytes_AS_STRING(prefix), self->id_prefix_len);
+    Py_DECREF(prefix);
+    PyObject *usable = PyObject_GetAttrString(self->table, "_cgroup_ids_usable");
+    if (usable == NULL || (self->cgroup_ids_usable = PyObject_IsTrue(usable)) < 0) {
+        Py_XDECREF(usable);
+        return -1;
+    }
+    Py_DECREF(usable);
+
+    PyObject *clk = need(kw, "clk_tck"), *kept = need(kw, "exited_kept");
+    if (clk == NULL || kept == NULL)
+        return -1;
+    self->clk_tck = PyLong_AsLong(clk);
+    self->exited_kept = PyLong_AsSsize_t(kept);
+    if (PyErr_Occurred())
+        return -1;
+    if (self->clk_tck <= 0) {
+        PyErr_SetString(PyExc_ValueError, "clk_tck must be positive");
+        return -1;
+    }
+    PyObject *skeletons = need(kw, "skeletons"); /* (fork, exec, exit) skeleton triples */
+    if (skeletons == NULL)
+        return -1;
+    if (!PyTuple_Check(skeletons) || PyTuple_GET_SIZE(skeletons) != A_COUNT) {
+        PyErr_SetString(PyExc_TypeError, "skeletons must be a tuple of three triples");
+        return -1;
+    }
+    for (int a = 0; a < A_COUNT; a++) {
+        PyObject *triple = PyTuple_GET_ITEM(skeletons, a);
+        if (!PyTuple_Check(triple) || PyTuple_GET_SIZE(triple) != 3) {
+            PyErr_SetString(PyExc_TypeError, "a skeleton is a (category, type, action) triple");
+            return -1;
+        }
+        for (int j = 0; j < 3; j++)
+            Py_XSETREF(self->skel[a][j], Py_NewRef(PyTuple_GET_ITEM(triple, j)));
+    }
+    self->ts_text[0] = 0;
+    return 0;
+}
+
+static int Hot_traverse(Hot *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->src);
+    Py_VISIT(self->table);
+    Py_VISIT(self->info_type);
+    Py_VISIT(self->emit);
+    Py_VISIT(self->realpath);
+    Py_VISIT(self->record_failed);
+    Py_VISIT(self->live);
+    Py_VISIT(self->exited);
+    Py_VISIT(self->writes_by_pid);
+    return 0;
+}
+
+static int Hot_clear(Hot *self)
+{
+    PyObject **all[] = {&self->src,        &self->table,        &self->host,
+                        &self->tier,       &self->schema,       &self->by_tag,
+                        &self->decode_error, &self->unknown,    &self->user_names,
+                        &self->user_name,  &self->resolve_path, &self->realpath,
+                        &self->proc_link,  &self->proc_cmdline, &self->proc_loginuid,
+                        &self->emit,       &self->record_failed, &self->live,
+                        &self->exited,     &self->containers,   &self->lock,
+                        &self->pending,    &self->writes_by_pid, &self->boot_epoch};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        Py_CLEAR(*all[i]);
+    Py_CLEAR(self->info_type);
+    for (int a = 0; a < A_COUNT; a++)
+        for (int j = 0; j < 3; j++)
+            Py_CLEAR(self->skel[a][j]);
+    return 0;
+}
+
+static void Hot_dealloc(Hot *self)
+{
+    PyObject_GC_UnTrack(self);
+    Hot_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Hot_methods[] = {
+    {"handle", (PyCFunction)(void (*)(void))Hot_handle, METH_FASTCALL,
+     "handle(records, pending): every record of a batch, in order; events go to pending "
+     "(a list) or, when it is None, to ctx.emit"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject HotType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sensor._hotpath.Hot",
+    .tp_basicsize = sizeof(Hot),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The BPF tiers' record loop, with fork, exec and exit handled in C.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Hot_init,
+    .tp_dealloc = (destructor)Hot_dealloc,
+    .tp_traverse = (traverseproc)Hot_traverse,
+    .tp_clear = (inquiry)Hot_clear,
+    .tp_methods = Hot_methods,
+};
+
+static PyObject *mod_iso_timestamp(PyObject *mod, PyObject *ns)
+{
+    /* for tests: the C formatting of a timestamp */
+    Hot tmp;
+    (void)mod;
+    memset(&tmp, 0, sizeof tmp);
+    return iso_timestamp_obj(&tmp, ns);
+}
+
+static PyMethodDef module_methods[] = {
+    {"iso_timestamp", mod_iso_timestamp, METH_O, "iso_timestamp(epoch_ns): as backplane.schema"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "sensor._hotpath", "Fork, exec and exit records in C.", -1,
+    module_methods,
+};
+
+PyMODINIT_FUNC PyInit__hotpath(void)
+{
+    struct {
+        PyObject **var;
+        const char *text;
+    } strings[] = {
+        {&s_kind, "kind"}, {&s_event, "event"}, {&s_category, "category"}, {&s_type, "type"},
+        {&s_action, "action"}, {&s_timestamp, "@timestamp"}, {&s_host, "host"}, {&s_edr, "edr"},
+        {&s_tier, "tier"}, {&s_schema, "schema"}, {&s_process, "process"}, {&s_pid, "pid"},
+        {&s_entity_id, "entity_id"}, {&s_name, "name"}, {&s_executable, "executable"},
+        {&s_args, "args"}, {&s_args_count, "args_count"}, {&s_command_line, "command_line"},
+        {&s_args_truncated, "args_truncated"}, {&s_working_directory, "working_directory"},
+        {&s_start, "start"}, {&s_parent, "parent"}, {&s_user, "user"}, {&s_id, "id"},
+        {&s_audit, "audit"}, {&s_group, "group"}, {&s_container, "container"},
+        {&s_hash, "hash"}, {&s_sha256, "sha256"}, {&s_exit_code, "exit_code"},
+        {&s_thread, "thread"}, {&s_exit_signal, "exit_signal"}, {&s_space, " "},
+        {&s_exe, "exe"}, {&s_cwd, "cwd"}, {&s_acquire, "acquire"}, {&s_release, "release"},
+        {&s_move_to_end, "move_to_end"}, {&s_popitem, "popitem"}, {&s_lookup, "lookup"},
+        {&s_refresh_container, "refresh_container"}, {&s_container_for, "_container_for"},
+        {&s_forget_writes, "_forget_writes"}, {&s_cloexec_only, "cloexec_only"},
+        {&s_boot_epoch_ns, "boot_epoch_ns"}, {&s_empty, ""},
+    };
+    for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++) {
+        *strings[i].var = PyUnicode_InternFromString(strings[i].text);
+        if (*strings[i].var == NULL)
+            return NULL;
+    }
+    if (PyType_Ready(&HotType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Hot", (PyObject *)&HotType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,318 @@
+"""The compiled record path (sensor/_hotpath.c) against the Python one, on the same records.
+
+Both paths get identical record sequences, each with its own process table; the events must
+be byte-for-byte the same JSON (key order included), the error counters the same, and the
+tables must end in the same state. Records come from the packing helpers of test_decode and
+from hypothesis, which also makes malformed ones (short, out of bounds, non-UTF-8, absurd
+clocks). No root and no BPF: pids are far above pid_max, so /proc never answers for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backplane.schema import Family
+from sensor import ebpf
+from sensor.capture import CaptureContext
+from sensor.ebpf import EventType, FileOp, TracepointSource
+from sensor.process_table import ProcessTable
+from tests.bpf.test_decode import (
+    BOOT_EPOCH,
+    HDR,
+    PARENT,
+    PID,
+    exec_record,
+    file_record,
+    fork_record,
+)
+
+pytestmark = pytest.mark.skipif(
+    ebpf._hotpath is None, reason="sensor/_hotpath is not built: run scripts/setup.sh"
+)
+
+
+def test_the_compiled_path_is_built() -> None:
+    """scripts/setup.sh builds it; a checkout that skipped that would test only Python."""
+    assert ebpf._hotpath is not None
+
+
+class Pair:
+    """Two sources over two tables: one on the C path, one on the Python path."""
+
+    def __init__(self, *, emit_forks: bool = True, families: frozenset[Family] = frozenset(Family)):
+        self.sides: list[tuple[TracepointSource, list[dict]]] = []
+        for compiled in (True, False):
+            events: list[dict] = []
+            table = ProcessTable("test-host", boot_ns_to_epoch_ns=BOOT_EPOCH)
+            ctx = CaptureContext(
+                host={"id": "test-host"},
+                table=table,
+                emit=events.append,
+                ignored_pids={os.getpid()},
+                emit_forks=emit_forks,
+            )
+            src = TracepointSource(ctx, families)
+            if not compiled:
+                src._hot = None
+            self.sides.append((src, events))
+        assert self.sides[0][0].compiled and not self.sides[1][0].compiled
+
+    def feed(self, records: list[bytes], *, batched: bool = True) -> None:
+        for src, _ in self.sides:
+            if batched:
+                src._batch = list(records)
+                src.process_batch()
+            else:
+                for raw in records:
+                    src.handle_record(raw)
+
+    def check(self) -> list[dict]:
+        (c_src, c_events), (py_src, py_events) = self.sides
+        assert [orjson.dumps(e) for e in c_events] == [orjson.dumps(e) for e in py_events]
+        for name in ("received", "decode_errors", "handler_errors"):
+            assert getattr(c_src, name) == getattr(py_src, name), name
+        c_table, py_table = c_src.ctx.table, py_src.ctx.table
+        assert set(c_table._live) == set(py_table._live)
+        assert list(c_table._exited) == list(py_table._exited)  # the same order too
+        for pid in set(c_table._live) | set(c_table._exited):
+            assert _state(c_table.get(pid)) == _state(py_table.get(pid)), pid
+        return c_events
+
+
+def _state(info) -> dict:
+    names = [f.name for f in dataclasses.fields(info) if f.name != "ecs_cache"]
+    return {name: getattr(info, name) for name in names}
+
+
+def exit_record(pid: int, code: int = 0, signal: int = 0, flags: int = 1, ktime=5_000_000_000):
+    hdr = HDR.pack(EventType.EXIT, pid, pid, 1000, 1000, 0, ktime, b"prog")
+    return hdr + struct.pack("<iiII", code, signal, flags, 0)
+
+
+def test_a_spawn_gives_the_same_events_and_table() -> None:
+    pair = Pair()
+    args = b"/bin/true\0--marker\0two words\0"
+    pair.feed(
+        [
+            fork_record(PARENT, PID),
+            exec_record(PID, b"/bin/true", args, 3, loginuid=1000, flags=ebpf.EXEC_HAVE_LOGINUID),
+            exit_record(PID, code=3),
+        ]
+    )
+    events = pair.check()
+    assert [e["event"]["action"] for e in events] == ["fork", "exec", "exit"]
+    assert events[1]["process"]["args"] == ["/bin/true", "--marker", "two words"]
+    assert events[1]["user"]["audit"] == {"id": "1000"}
+    assert events[2]["process"]["exit_code"] == 3
+
+
+def test_the_parent_context_and_cache_invalidation_match() -> None:
+    pair = Pair(emit_forks=False)
+    child = PID + 1
+    pair.feed(
+        [
+            fork_record(PARENT, PID),
+            exec_record(PID, b"/usr/bin/bash", b"bash\0-c\0x\0", 3),
+            fork_record(PID, child, ticks=99),
+            exit_record(child, signal=9, flags=ebpf.EXIT_HAVE_SIGNAL),  # no exec: bash's image
+            exec_record(PID, b"/usr/bin/env", b"env\0", 1),  # the parent execs: key changes
+            fork_record(PID, child + 1),
+            exec_record(child + 1, b"/usr/bin/id", b"id\0", 1),
+            exit_record(child + 1),
+            exit_record(PID),
+        ]
+    )
+    events = pair.check()
+    killed = events[1]
+    assert killed["process"]["exit_code"] == -9 and killed["edr"]["exit_signal"] == 9
+    assert events[-2]["process"]["parent"]["command_line"] == "env"
+
+
+def test_one_by_one_and_batched_agree() -> None:
+    records = [fork_record(PARENT, PID), exec_record(PID, b"/bin/true", b"true\0", 1)]
+    pair = Pair()
+    pair.feed(records, batched=False)
+    pair.check()
+
+
+def test_other_record_types_stay_in_order_with_process_records() -> None:
+    """A file record between fork and exec is handled by Python, with the table as it is."""
+    pair = Pair()
+    pair.feed(
+        [
+            fork_record(PARENT, PID),
+            file_record(PID, FileOp.UNLINK, b"/tmp/edr-hot-x", ktime_ns=5_100_000_000),
+            exec_record(PID, b"/bin/true", b"true\0", 1),
+            file_record(PID, FileOp.UNLINK, b"/tmp/edr-hot-y", ktime_ns=5_200_000_000),
+            exit_record(PID),
+        ]
+    )
+    events = pair.check()
+    assert [e["event"]["action"] for e in events] == ["fork", "delete", "exec", "delete", "exit"]
+    assert events[3]["process"]["name"] == "true"
+
+
+def test_exec_of_a_thread_and_relative_and_unnormalised_paths() -> None:
+    pair = Pair()
+    thread_exec = exec_record(PID, b"/usr//bin/../bin/env", b"env\0", 1)
+    thread_exec = thread_exec[:48] + struct.pack("<I", PID + 7) + thread_exec[52:]  # old_pid
+    pair.feed([fork_record(PARENT, PID), thread_exec, exec_record(PID, b"./run", b"./run\0", 1)])
+    for src, _ in pair.sides:
+        src.ctx.table.chdir(PID, "/opt/tools")
+    pair.feed([exec_record(PID, b"./run", b"./run\0", 1), exec_record(PID, b"", b"", 0)])
+    events = pair.check()
+    assert events[1]["process"]["thread"] == {"id": PID + 7}
+    assert events[3]["process"]["executable"] == "/opt/tools/run"
+
+
+def test_malformed_records_count_the_same() -> None:
+    good = exec_record(PID, b"/bin/true", b"true\0", 1)
+    pair = Pair()
+    pair.feed(
+        [
+            b"",  # no type tag
+            b"\x02\x00",
+            struct.pack("<I", 99) + bytes(60),  # unknown type
+            fork_record(PARENT, PID)[:60],  # short fork
+            good[:100],  # short exec
+            good[:56] + struct.pack("<I", 129) + good[60:],  # too many args
+            good[:60] + struct.pack("<I", 5000) + good[64:],  # args beyond the bound
+            good[:60] + struct.pack("<I", 50) + good[64:],  # args claimed, not there
+            exit_record(PID)[:50],  # short exit
+            exit_record(PID, ktime=2**64 - 1),  # a clock beyond datetime
+            fork_record(PARENT, PID + 1, ticks=2**64 - 1),  # start beyond datetime
+            exec_record(PID + 1, b"/bin/\xff\xfe", b"\xff\0ok\0", 2),  # not UTF-8
+        ]
+    )
+    pair.check()
+    src = pair.sides[0][0]
+    assert src.decode_errors == 9 and src.handler_errors == 2
+
+
+def test_a_broken_emit_is_a_handler_error_on_both() -> None:
+    pair = Pair()
+
+    def broken(ev: dict) -> None:
+        raise RuntimeError("downstream failed")
+
+    for src, _ in pair.sides:
+        src.ctx.emit = broken
+    pair.feed([exit_record(PID)], batched=False)
+    pair.check()
+    assert pair.sides[0][0].handler_errors == 1
+
+
+def test_keyboard_interrupt_is_not_swallowed() -> None:
+    pair = Pair()
+    src = pair.sides[0][0]
+
+    def interrupted(ev: dict) -> None:
+        raise KeyboardInterrupt
+
+    src.ctx.emit = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        src.handle_record(exit_record(PID))
+
+
+def test_exited_processes_are_bounded_the_same(monkeypatch) -> None:
+    pair = Pair(emit_forks=False)
+    records = []
+    for i in range(40):
+        records += [fork_record(PARENT, PID + i), exit_record(PID + i)]
+    from sensor import process_table
+
+    monkeypatch.setattr(process_table, "EXITED_KEPT", 16)
+    for src, _ in pair.sides:  # the C side reads the bound when it is made
+        if src.compiled:
+            src._hot = src._compiled_path()
+    pair.feed(records)
+    pair.check()
+    assert len(pair.sides[0][0].ctx.table._exited) == 16
+
+
+def test_the_python_path_is_used_when_asked(monkeypatch) -> None:
+    ctx = CaptureContext(host={}, table=ProcessTable("h"), emit=lambda e: None)
+    assert TracepointSource(ctx, frozenset({Family.PROCESS})).compiled
+    monkeypatch.setenv("EDR_HOTPATH", "0")
+    assert not TracepointSource(ctx, frozenset({Family.PROCESS})).compiled
+
+
+def test_a_process_info_the_c_side_does_not_know_falls_back(monkeypatch) -> None:
+    @dataclasses.dataclass(slots=True)
+    class Other:
+        pid: int
+
+    monkeypatch.setattr(ebpf, "ProcessInfo", Other)
+    src = TracepointSource(
+        CaptureContext(host={}, table=ProcessTable("h"), emit=lambda e: None),
+        frozenset({Family.PROCESS}),
+    )
+    assert not src.compiled
+
+
+# -- random record streams --------------------------------------------------------------------
+
+_pids = st.integers(min_value=PID, max_value=PID + 5)
+_ticks = st.one_of(st.integers(0, 10**7), st.just(2**64 - 1))
+_ktime = st.one_of(st.integers(0, 10**15), st.just(2**64 - 1))
+_text = st.binary(max_size=40)
+
+
+@st.composite
+def _record(draw) -> bytes:
+    kind = draw(st.sampled_from(["fork", "exec", "exit", "junk"]))
+    if kind == "fork":
+        raw = fork_record(
+            draw(_pids), draw(_pids), draw(_ticks), draw(st.sampled_from([0, 0, 0, 1]))
+        )
+    elif kind == "exec":
+        parts = draw(st.lists(_text, max_size=5))
+        args = b"\0".join(parts) + draw(st.sampled_from([b"\0", b""]))
+        filename = draw(st.sampled_from([b"/bin/true", b"/usr//bin/env", b"rel/x", b""]))
+        raw = exec_record(
+            draw(_pids),
+            filename + draw(st.binary(max_size=4)),
+            args,
+            draw(st.integers(0, 8)),
+            flags=draw(st.integers(0, 7)),
+            cgroup_id=draw(st.sampled_from([0, 5])),
+            loginuid=draw(st.sampled_from([0, 1000, 0xFFFFFFFF])),
+        )
+        hdr = HDR.pack(EventType.EXEC, *struct.unpack_from("<I", raw, 4), 0, 0, 0, 0, 0, b"")
+        raw = (
+            hdr[:4]
+            + raw[4:24]
+            + struct.pack("<Q", draw(_ktime))
+            + draw(
+                st.sampled_from([b"prog".ljust(16, b"\0"), b"\xff\xfe".ljust(16, b"\0"), bytes(16)])
+            )
+            + raw[48:]
+        )
+    elif kind == "exit":
+        raw = exit_record(
+            draw(_pids),
+            draw(st.integers(-(2**31), 2**31 - 1)),
+            draw(st.integers(-(2**31), 2**31 - 1)),
+            draw(st.integers(0, 3)),
+            draw(_ktime),
+        )
+    else:
+        raw = draw(st.binary(max_size=80))
+    if draw(st.integers(0, 9)) == 0:
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    return raw
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_record(), max_size=25), st.booleans())
+def test_random_record_streams_agree(records: list[bytes], emit_forks: bool) -> None:
+    pair = Pair(emit_forks=emit_forks, families=frozenset({Family.PROCESS}))
+    pair.feed(records)
+    pair.check()
