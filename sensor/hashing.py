@@ -17,6 +17,7 @@ from collections import OrderedDict
 HASH_MAX_BYTES = 128 * 1024 * 1024
 CACHE_ENTRIES = 8192
 _CHUNK = 1024 * 1024
+_S_IFMT, _S_IFREG = 0o170000, stat.S_IFREG  # stat.S_ISREG without a call
 
 
 class ExecutableHasher:
@@ -30,25 +31,26 @@ class ExecutableHasher:
 
     def sha256(self, path: str, pid: int | None = None) -> str | None:
         """Hash of ``path``; falls back to /proc/<pid>/exe when the path is gone or replaced."""
-        for candidate in (path, f"/proc/{pid}/exe" if pid else None):
-            if candidate is None:
-                continue
+        try:
+            digest = self._hash(path)
+        except OSError:
+            digest = None
+        if digest is None and pid:
             try:
-                digest = self._hash(candidate)
+                digest = self._hash(f"/proc/{pid}/exe")
             except OSError:
-                continue
-            if digest is not None:
-                return digest
-        return None
+                return None
+        return digest
 
     def _hash(self, path: str) -> str | None:
         # A cache hit costs one stat(): the identity key comes from the path, no open().
         st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
+        if st.st_mode & _S_IFMT != _S_IFREG:
             return None
-        cached = self._cache.get((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._cache.get(key)
         if cached is not None:
-            self._cache.move_to_end((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+            self._cache.move_to_end(key)
             self.hits += 1
             return cached
         # O_NONBLOCK: a path swapped for a FIFO after the exec must not hang the writer.

@@ -53,7 +53,11 @@ class NdjsonSink:
             return (self._fallback(event) + "\n").encode("ascii")
 
     def write(self, events: list[Event]) -> None:
-        data = b"".join([self.encode(ev) for ev in events])
+        dumps, option = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+        try:  # one comprehension, no call per event: most batches have nothing to fall back on
+            data = b"".join([dumps(ev, option=option) for ev in events])
+        except TypeError:
+            data = b"".join([self.encode(ev) for ev in events])
         buffer = getattr(self._stream, "buffer", None)
         if buffer is not None:
             self._stream.flush()  # anything written as text earlier goes first
