@@ -1433,8 +1433,78 @@ static PyObject *mod_iso_timestamp(PyObject *mod, PyObject *ns)
     return iso_timestamp_obj(&tmp, ns);
 }
 
+/* RingReader.consume (sensor/ringbuf.py), without a Python step per record:
+ * consume(consumer_map, producer_map, data_offset, mask, out) -> records appended.
+ * The positions are read with acquire and the consumer position published with release
+ * ordering, as libbpf's ring_buffer__consume does. */
+#define RING_BUSY (1u << 31)
+#define RING_DISCARD (1u << 30)
+
+static PyObject *mod_consume(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    Py_ssize_t data_off, mask;
+    if (nargs != 5 || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "consume(consumer, producer, data_offset, mask, out)");
+        return NULL;
+    }
+    data_off = PyLong_AsSsize_t(args[2]);
+    mask = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer cb, pb;
+    if (PyObject_GetBuffer(args[0], &cb, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &pb, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&cb);
+        return NULL;
+    }
+    PyObject *out = args[4];
+    Py_ssize_t before = PyList_GET_SIZE(out);
+    PyObject *result = NULL;
+    if (cb.len < 8 || pb.len < data_off || data_off < 8 || mask < 0 ||
+        pb.len < data_off + 2 * (mask + 1)) {
+        PyErr_SetString(PyExc_ValueError, "ring mappings smaller than their layout");
+        goto out;
+    }
+    const char *data = pb.buf;
+    uint64_t cons = __atomic_load_n((uint64_t *)cb.buf, __ATOMIC_ACQUIRE);
+    uint64_t prod = __atomic_load_n((const uint64_t *)data, __ATOMIC_ACQUIRE);
+    uint64_t start = cons;
+    while (cons < prod) {
+        Py_ssize_t off = data_off + (Py_ssize_t)(cons & (uint64_t)mask);
+        uint32_t len = __atomic_load_n((const uint32_t *)(data + off), __ATOMIC_ACQUIRE);
+        if (len & RING_BUSY)
+            break;
+        uint32_t size = len & ~(RING_BUSY | RING_DISCARD);
+        if (off + 8 + (Py_ssize_t)size > pb.len) {
+            PyErr_Format(PyExc_ValueError, "ring record of %u bytes runs past the mapping", size);
+            break;
+        }
+        if (!(len & RING_DISCARD)) {
+            PyObject *rec = PyBytes_FromStringAndSize(data + off + 8, size);
+            if (rec == NULL || PyList_Append(out, rec) < 0) {
+                Py_XDECREF(rec);
+                break;
+            }
+            Py_DECREF(rec);
+        }
+        cons += ((uint64_t)size + 8 + 7) & ~(uint64_t)7;
+    }
+    if (cons != start) /* the records are copied out: the kernel may reuse their space */
+        __atomic_store_n((uint64_t *)cb.buf, cons, __ATOMIC_RELEASE);
+    if (!PyErr_Occurred())
+        result = PyLong_FromSsize_t(PyList_GET_SIZE(out) - before);
+out:
+    PyBuffer_Release(&pb);
+    PyBuffer_Release(&cb);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"iso_timestamp", mod_iso_timestamp, METH_O, "iso_timestamp(epoch_ns): as backplane.schema"},
+    {"consume", (PyCFunction)(void (*)(void))mod_consume, METH_FASTCALL,
+     "consume(consumer, producer, data_offset, mask, out): RingReader.consume in C"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,17 +13,23 @@ import struct
 
 import pytest
 
+from sensor import ringbuf
 from sensor.ringbuf import BUSY_BIT, DISCARD_BIT, RingReader
 
 PAGE = mmap.PAGESIZE
 SIZE = 4 * PAGE
 
 
-@pytest.fixture
-def ring():
+@pytest.fixture(params=["compiled", "python"])
+def ring(request):
+    """Every test runs against both loops: C (sensor/_hotpath.c) and Python."""
+    if request.param == "compiled" and ringbuf._compiled_consume is None:
+        pytest.skip("sensor/_hotpath is not built: run scripts/setup.sh")
     fd = os.memfd_create("edr-ring-test")
     os.ftruncate(fd, PAGE + PAGE + 2 * SIZE)
     reader = RingReader(fd, SIZE)
+    if request.param == "python":
+        reader._compiled = None
     view = mmap.mmap(fd, PAGE + PAGE + 2 * SIZE)  # the kernel's side: writes anything
     state = {"prod": 0}
 
@@ -84,6 +90,14 @@ def test_a_record_being_written_stops_the_pass_until_committed(ring) -> None:
     assert reader.consume(out) == 2
     assert out == [b"done", b"in flight", b"after it"]
     assert caught_up()
+
+
+def test_a_record_claiming_more_than_the_mapping_is_an_error(ring) -> None:
+    reader, put, _, set_len, _ = ring
+    put(b"x")
+    set_len(0, 3 * SIZE)  # a corrupt length: past the end of the mapped data
+    with pytest.raises(ValueError, match="runs past the mapping"):
+        reader.consume([])
 
 
 def test_sizes_that_are_not_a_power_of_two_are_refused() -> None:
