@@ -138,18 +138,32 @@ class EventPipeline:
             **self._hasher.counters(),
         }
 
-    def _enrich(self, event: Event) -> None:
+    def _enrich(self, event: Event, seen: dict[str, str | None]) -> None:
+        """Add the executable's SHA-256 to an exec event (and to its process in the table).
+
+        ``seen`` memoises the digests of paths within one batch: every exec of a batch
+        happened before the batch is hashed, so the digest taken for the first of them is as
+        close to each exec as one taken a moment later (an exec storm's batch runs the same
+        binary hundreds of times, and each lookup was a stat()). A path that cannot be hashed
+        falls back to /proc/<pid>/exe, per process.
+        """
         if event["event"]["action"] != Action.EXEC:
             return
         proc = event.get("process", {})
         path = proc.get("executable")
         if not path or "hash" in proc:
             return
-        digest = self._hasher.sha256(path, proc.get("pid"))
+        pid = proc.get("pid")
+        if path in seen:
+            digest = seen[path]
+        else:
+            digest = seen[path] = self._hasher.sha256(path)
+        if digest is None and pid:
+            digest = self._hasher.sha256(f"/proc/{pid}/exe")
         if digest is None:
             return
         proc["hash"] = {"sha256": digest}
-        info = self._table.get(proc["pid"])
+        info = self._table.get(pid)
         if info is not None and info.executable == path:
             info.sha256 = digest
 
@@ -173,10 +187,11 @@ class EventPipeline:
                 except queue.Empty:
                     break
             by_action = self.by_action
+            seen: dict[str, str | None] = {}
             for ev in batch:
                 action = ev["event"]["action"]
                 if action == Action.EXEC:
-                    self._enrich(ev)
+                    self._enrich(ev, seen)
                 by_action[action] += 1
             if self._inspect is not None:
                 batch.extend([out for ev in list(batch) for out in self._inspect(ev)])

@@ -63,6 +63,31 @@ def test_exec_events_get_the_hash_and_the_table_keeps_it(tmp_path: Path) -> None
     assert pipeline.counters()["events"] == {"exec": 1}
 
 
+def test_a_batch_hashes_each_path_once_and_falls_back_per_process(tmp_path: Path) -> None:
+    binary = tmp_path / "tool"
+    binary.write_bytes(b"payload")
+    out = io.StringIO()
+    hasher = ExecutableHasher()
+    pipeline = EventPipeline(NdjsonSink(out), ProcessTable("h"), hasher=hasher)
+    gone = str(tmp_path / "deleted-after-exec")
+    pipeline.emit_many(
+        [
+            exec_event(str(binary), pid=4_000_001),
+            exec_event(str(binary), pid=4_000_002),
+            exec_event(gone, pid=os.getpid()),  # falls back to /proc/<pid>/exe
+            exec_event(gone, pid=4_000_003),  # no such process: no hash
+        ]
+    )
+    pipeline.start()
+    pipeline.close()
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    hashes = [ev["process"].get("hash", {}).get("sha256") for ev in events]
+    with open(f"/proc/{os.getpid()}/exe", "rb") as exe:
+        own = hashlib.sha256(exe.read()).hexdigest()
+    assert hashes == [hashlib.sha256(b"payload").hexdigest()] * 2 + [own, None]
+    assert hasher.misses == 2 and hasher.hits == 0  # the second exec of the tool: memoised
+
+
 class SlowSink:
     def __init__(self) -> None:
         self.events: list[dict] = []
