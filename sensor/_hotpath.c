@@ -265,15 +265,23 @@ static PyObject *iso_timestamp(Hot *self, __int128 ns)
 
 static PyObject *iso_timestamp_obj(Hot *self, PyObject *ns)
 {
-    int overflow = 0;
-    long long v = PyLong_AsLongLongAndOverflow(ns, &overflow);
-    if (v == -1 && PyErr_Occurred())
+    /* divmod in Python integers: datetime's range is beyond a long long of nanoseconds */
+    PyObject *giga = PyLong_FromLong(1000000000L);
+    PyObject *qr = giga ? PyNumber_Divmod(ns, giga) : NULL;
+    Py_XDECREF(giga);
+    if (qr == NULL)
         return NULL;
-    if (overflow) { /* far beyond a long long: beyond datetime too */
+    int overflow = 0;
+    long long sec = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(qr, 0), &overflow);
+    long long rem = PyLong_AsLongLong(PyTuple_GET_ITEM(qr, 1));
+    Py_DECREF(qr);
+    if (PyErr_Occurred())
+        return NULL;
+    if (overflow) {
         PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
         return NULL;
     }
-    return iso_timestamp(self, v);
+    return iso_timestamp(self, (__int128)sec * 1000000000 + rem);
 }
 
 /* ProcessInfo.name: the executable's base name, else comm (new reference). */

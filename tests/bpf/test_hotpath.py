@@ -257,10 +257,27 @@ def test_a_process_info_the_c_side_does_not_know_falls_back(monkeypatch) -> None
     assert not src.compiled
 
 
+def test_timestamps_format_as_the_python_ones() -> None:
+    import random
+
+    from backplane.schema import iso_timestamp
+
+    rng = random.Random(7)
+    base = 1_700_000_000 * 10**9
+    values = [0, 1, 10**9, base, base - 1, 2**64, 253402300799 * 10**9 + 999_999_999]
+    values += [rng.randrange(0, 4_000_000_000 * 10**9) for _ in range(2000)]
+    values += [base + i * 499_999_999 for i in range(300)]
+    for ns in values:
+        assert ebpf._hotpath.iso_timestamp(ns) == iso_timestamp(ns), ns
+    for ns in (253402300800 * 10**9, 10**30, 2**200):  # beyond year 9999: an error, as datetime
+        with pytest.raises((ValueError, OverflowError)):
+            ebpf._hotpath.iso_timestamp(ns)
+
+
 # -- random record streams --------------------------------------------------------------------
 
 _pids = st.integers(min_value=PID, max_value=PID + 5)
-_ticks = st.one_of(st.integers(0, 10**7), st.just(2**64 - 1))
+_ticks = st.one_of(st.integers(0, 10**7), st.integers(10**11, 10**16), st.just(2**64 - 1))
 _ktime = st.one_of(st.integers(0, 10**15), st.just(2**64 - 1))
 _text = st.binary(max_size=40)
 
