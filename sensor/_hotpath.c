@@ -66,6 +66,8 @@ typedef struct {
     PyObject *exited;       /* table._exited (OrderedDict) */
     PyObject *containers;   /* table._containers (dict) */
     PyObject *lock;         /* table._lock */
+    PyObject *acquire, *release, *move_to_end, *popitem; /* their bound methods */
+    int realpath_monotonic; /* the realpath cache runs on time.monotonic: hits read here */
     PyObject *table;
     PyObject *host;
     PyObject *tier;         /* str */
@@ -104,7 +106,7 @@ static PyObject *s_kind, *s_event, *s_category, *s_type, *s_action, *s_timestamp
     *s_parent, *s_user, *s_id, *s_audit, *s_group, *s_container, *s_hash, *s_sha256,
     *s_exit_code, *s_thread, *s_exit_signal, *s_space, *s_exe, *s_cwd, *s_acquire, *s_release,
     *s_move_to_end, *s_popitem, *s_lookup, *s_refresh_container, *s_container_for,
-    *s_forget_writes, *s_cloexec_only, *s_boot_epoch_ns, *s_empty;
+    *s_forget_writes, *s_cloexec_only, *s_boot_epoch_ns, *s_empty, *s__cache, *s_hits, *s_one;
 
 #define SLOT(o, i) (*(PyObject **)((char *)(o) + self->off[i]))
 
@@ -165,7 +167,7 @@ static PyObject *cstr(const char *p, size_t max)
 
 static int lock(Hot *self)
 {
-    PyObject *r = PyObject_CallMethodNoArgs(self->lock, s_acquire);
+    PyObject *r = PyObject_CallNoArgs(self->acquire);
     if (r == NULL)
         return -1;
     Py_DECREF(r);
@@ -174,7 +176,7 @@ static int lock(Hot *self)
 
 static int unlock(Hot *self)
 {
-    PyObject *r = PyObject_CallMethodNoArgs(self->lock, s_release);
+    PyObject *r = PyObject_CallNoArgs(self->release);
     if (r == NULL)
         return -1;
     Py_DECREF(r);
@@ -631,6 +633,42 @@ static int forget_writes(Hot *self, PyObject *pid, int cloexec_only)
 
 /* -- records ------------------------------------------------------------------------------- */
 
+/* RealpathCache.__call__ (sensor/ebpf.py): a fresh hit is answered here, counted in the
+ * cache's ``hits``; anything else (a miss, an expired entry, a test's clock) calls it. */
+static PyObject *resolve_links(Hot *self, PyObject *path)
+{
+    if (self->realpath_monotonic) {
+        PyObject *cache = PyObject_GetAttr(self->realpath, s__cache); /* replaced on trims */
+        if (cache == NULL)
+            return NULL;
+        PyObject *hit = PyDict_Check(cache) ? PyDict_GetItemWithError(cache, path) : NULL;
+        if (hit != NULL && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 2 &&
+            PyFloat_Check(PyTuple_GET_ITEM(hit, 1))) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            double now = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+            if (PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(hit, 1)) > now) {
+                PyObject *resolved = Py_NewRef(PyTuple_GET_ITEM(hit, 0));
+                Py_DECREF(cache);
+                PyObject *hits = PyObject_GetAttr(self->realpath, s_hits);
+                PyObject *one = hits ? PyNumber_Add(hits, s_one) : NULL;
+                int rc = one ? PyObject_SetAttr(self->realpath, s_hits, one) : -1;
+                Py_XDECREF(hits);
+                Py_XDECREF(one);
+                if (rc < 0) {
+                    Py_DECREF(resolved);
+                    return NULL;
+                }
+                return resolved;
+            }
+        }
+        Py_DECREF(cache);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    return PyObject_CallOneArg(self->realpath, path);
+}
+
 static int rec_fork(Hot *self, const char *raw, Py_ssize_t len)
 {
     if (len < (Py_ssize_t)sizeof(struct edr_fork_event)) {
@@ -863,7 +901,7 @@ static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
         }
         if (PyUnicode_Check(exe) && PyUnicode_GET_LENGTH(exe) > 0 &&
             PyUnicode_READ_CHAR(exe, 0) == '/') {
-            Py_SETREF(exe, PyObject_CallOneArg(self->realpath, exe));
+            Py_SETREF(exe, resolve_links(self, exe));
             if (exe == NULL)
                 goto out;
         }
@@ -1062,7 +1100,7 @@ static int rec_exit(Hot *self, const char *raw, Py_ssize_t len)
     }
     if (PyObject_SetItem(self->exited, pid, info) < 0)
         goto out;
-    r = PyObject_CallMethodOneArg(self->exited, s_move_to_end, pid);
+    r = PyObject_CallOneArg(self->move_to_end, pid);
     if (r == NULL)
         goto out;
     Py_DECREF(r);
@@ -1072,7 +1110,7 @@ static int rec_exit(Hot *self, const char *raw, Py_ssize_t len)
             goto out;
         if (n <= self->exited_kept)
             break;
-        r = PyObject_CallMethodOneArg(self->exited, s_popitem, Py_False);
+        r = PyObject_CallOneArg(self->popitem, Py_False);
         if (r == NULL)
             goto out;
         Py_DECREF(r);
@@ -1323,6 +1361,27 @@ static int Hot_init(Hot *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_TypeError, "the process table's maps are not dicts");
         return -1;
     }
+    struct {
+        PyObject *owner;
+        const char *name;
+        PyObject **slot;
+    } methods[] = {{self->lock, "acquire", &self->acquire}, {self->lock, "release", &self->release},
+                   {self->exited, "move_to_end", &self->move_to_end},
+                   {self->exited, "popitem", &self->popitem}};
+    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
+        PyObject *m = PyObject_GetAttrString(methods[i].owner, methods[i].name);
+        if (m == NULL)
+            return -1;
+        Py_XSETREF(*methods[i].slot, m);
+    }
+    PyObject *monotonic = need(kw, "monotonic");
+    if (monotonic == NULL)
+        return -1;
+    PyObject *clock = PyObject_GetAttrString(self->realpath, "_clock");
+    if (clock == NULL)
+        PyErr_Clear();
+    self->realpath_monotonic = clock != NULL && clock == monotonic;
+    Py_XDECREF(clock);
     PyObject *prefix = PyObject_GetAttrString(self->table, "_id_prefix");
     if (prefix == NULL)
         return -1;
@@ -1395,6 +1454,8 @@ static int Hot_clear(Hot *self)
                         &self->proc_link,  &self->proc_cmdline, &self->proc_loginuid,
                         &self->emit,       &self->record_failed, &self->live,
                         &self->exited,     &self->containers,   &self->lock,
+                        &self->acquire,    &self->release,      &self->move_to_end,
+                        &self->popitem,
                         &self->pending,    &self->writes_by_pid, &self->boot_epoch};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         Py_CLEAR(*all[i]);
@@ -1541,14 +1602,15 @@ PyMODINIT_FUNC PyInit__hotpath(void)
         {&s_move_to_end, "move_to_end"}, {&s_popitem, "popitem"}, {&s_lookup, "lookup"},
         {&s_refresh_container, "refresh_container"}, {&s_container_for, "_container_for"},
         {&s_forget_writes, "_forget_writes"}, {&s_cloexec_only, "cloexec_only"},
-        {&s_boot_epoch_ns, "boot_epoch_ns"}, {&s_empty, ""},
+        {&s_boot_epoch_ns, "boot_epoch_ns"}, {&s_empty, ""}, {&s__cache, "_cache"},
+        {&s_hits, "hits"},
     };
     for (size_t i = 0; i < sizeof strings / sizeof strings[0]; i++) {
         *strings[i].var = PyUnicode_InternFromString(strings[i].text);
         if (*strings[i].var == NULL)
             return NULL;
     }
-    if (PyType_Ready(&HotType) < 0)
+    if ((s_one = PyLong_FromLong(1)) == NULL || PyType_Ready(&HotType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -924,6 +924,7 @@ class TracepointSource(Source):
                 user_name=process_table.user_name,
                 resolve_path=resolve_path,
                 realpath=self._realpath,
+                monotonic=time.monotonic,
                 proc_link=procfs.link,
                 proc_cmdline=procfs.cmdline,
                 proc_loginuid=procfs.loginuid,

@@ -78,6 +78,11 @@ class Pair:
         assert [orjson.dumps(e) for e in c_events] == [orjson.dumps(e) for e in py_events]
         for name in ("received", "decode_errors", "handler_errors"):
             assert getattr(c_src, name) == getattr(py_src, name), name
+        # the C side answers fresh realpath hits itself and counts them in the same place
+        assert (c_src._realpath.hits, c_src._realpath.misses) == (
+            py_src._realpath.hits,
+            py_src._realpath.misses,
+        )
         c_table, py_table = c_src.ctx.table, py_src.ctx.table
         assert set(c_table._live) == set(py_table._live)
         assert list(c_table._exited) == list(py_table._exited)  # the same order too
@@ -106,8 +111,10 @@ def test_a_spawn_gives_the_same_events_and_table() -> None:
             exit_record(PID, code=3),
         ]
     )
+    pair.feed([exec_record(PID, b"/bin/true", args, 3)])  # a realpath cache hit
     events = pair.check()
-    assert [e["event"]["action"] for e in events] == ["fork", "exec", "exit"]
+    assert pair.sides[0][0]._realpath.hits == 1
+    assert [e["event"]["action"] for e in events] == ["fork", "exec", "exit", "exec"]
     assert events[1]["process"]["args"] == ["/bin/true", "--marker", "two words"]
     assert events[1]["user"]["audit"] == {"id": "1000"}
     assert events[2]["process"]["exit_code"] == 3
