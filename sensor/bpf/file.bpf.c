@@ -168,16 +168,27 @@ static __always_inline int edr_open_enter(int dfd, const char *upath, __u64 flag
 
     if (!e)
         return 0;
-    if (edr_file_path(e, upath))
-        return 0;
     int trunc_only = (flags & (EDR_O_CREAT | EDR_O_TRUNC)) == EDR_O_TRUNC;
     __u32 emit = 0;
-    if ((flags & (EDR_O_CREAT | EDR_O_TRUNC)) || edr_sensitive(e->path))
-        emit |= EDR_FILE_REPORT;
-    if ((flags & EDR_O_ACCMODE) && !trunc_only)
-        emit |= EDR_FILE_WATCH;
-    if (!emit)
-        return 0;
+    if (!(flags & (EDR_O_CREAT | EDR_O_TRUNC | EDR_O_ACCMODE))) {
+        /* Read-only, as most opens are (a dynamic loader's, a locale's): reported only under
+         * a sensitive prefix, so that trie lookup decides first and the exclusion lookup is
+         * made only for the few that match. */
+        if (bpf_probe_read_user_str(e->path, sizeof(e->path), upath) < 0)
+            return 0;
+        if (!edr_sensitive(e->path) || edr_excluded(e->path))
+            return 0;
+        emit = EDR_FILE_REPORT;
+    } else {
+        if (edr_file_path(e, upath))
+            return 0;
+        if ((flags & (EDR_O_CREAT | EDR_O_TRUNC)) || edr_sensitive(e->path))
+            emit |= EDR_FILE_REPORT;
+        if ((flags & EDR_O_ACCMODE) && !trunc_only)
+            emit |= EDR_FILE_WATCH;
+        if (!emit)
+            return 0;
+    }
     e->emit = emit;
     e->dfd = dfd;
     e->flags = (__u32)flags;

@@ -273,8 +273,12 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     __u32 tid = (__u32)id;
     __u32 tgid = id >> 32;
 
-    clone_flags.delete(&tid);
-    chdir_stash.delete(&tid);
+    /* A lockless lookup first: the entries are almost never there at exit (their syscalls'
+     * exits removed them), and a delete takes the bucket lock either way. */
+    if (clone_flags.lookup(&tid))
+        clone_flags.delete(&tid);
+    if (chdir_stash.lookup(&tid))
+        chdir_stash.delete(&tid);
 #ifdef EDR_HAVE_GROUP_DEAD
     if (!args->group_dead)
         return 0;
