@@ -203,6 +203,27 @@ def test_sensor_own_activity_is_filtered(sensor, tmp_path: Path) -> None:
     assert not sensor.find(_pid_is(os.getpid()))
 
 
+def test_read_only_opens_are_reported_only_under_sensitive_prefixes(sensor) -> None:
+    """The kernel decides read-only opens by the sensitive-prefix trie alone (file.bpf.c)."""
+    pid, _ = run_child(
+        """
+        import json, os
+        open("/etc/shadow", "rb").close()  # a default sensitive prefix
+        open("/etc/hostname", "rb").close()  # not sensitive: a read-only open is not reported
+        os.close(os.open("/etc/shadow", os.O_RDONLY | os.O_CLOEXEC))  # other flags, same
+        print(json.dumps({}))
+        """
+    )
+    shadow = sensor.wait_for(
+        lambda e: _pid_is(pid)(e) and e.get("file", {}).get("path") == "/etc/shadow"
+    )
+    assert shadow and {e["event"]["action"] for e in shadow} == {"open"}
+    assert sensor.wait_for(_action(pid, "exit"))  # everything the child did is in by now
+    assert not sensor.find(
+        lambda e: _pid_is(pid)(e) and e.get("file", {}).get("path") == "/etc/hostname"
+    )
+
+
 NET_CHILD = """
 import json, socket
 fam = socket.AF_INET6 if "{host}" == "::1" else socket.AF_INET
