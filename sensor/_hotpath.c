@@ -114,15 +114,6 @@ static inline uint32_t rd32(const char *p) { uint32_t v; memcpy(&v, p, 4); retur
 static inline int32_t rds32(const char *p) { int32_t v; memcpy(&v, p, 4); return v; }
 static inline uint64_t rd64(const char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
-/* A slot's value (borrowed); AttributeError when it was never set, as in Python. */
-static PyObject *get_slot(Hot *self, PyObject *o, int i)
-{
-    PyObject *v = SLOT(o, i);
-    if (v == NULL)
-        PyErr_Format(PyExc_AttributeError, "'%s' object has no attribute '%s'",
-                     Py_TYPE(o)->tp_name, FIELD_NAMES[i]);
-    return v;
-}
 
 /* Set a slot; steals nothing (takes a new reference to v). */
 static void set_slot(Hot *self, PyObject *o, int i, PyObject *v)
@@ -133,12 +124,22 @@ static void set_slot(Hot *self, PyObject *o, int i, PyObject *v)
     Py_XDECREF(old);
 }
 
-static int check_info(Hot *self, PyObject *o)
+/* A ProcessInfo from the table that the C side can read: exactly that class, every slot set
+ * (Python raises AttributeError on an unset slot; so does this). Checked once where an object
+ * comes out of the table; slots are then read directly. */
+static int usable(Hot *self, PyObject *o)
 {
     if (Py_TYPE(o) != self->info_type) {
         PyErr_Format(PyExc_TypeError, "process table holds a %s, not a ProcessInfo",
                      Py_TYPE(o)->tp_name);
         return -1;
+    }
+    for (int i = 0; i < F_COUNT; i++) {
+        if (SLOT(o, i) == NULL) {
+            PyErr_Format(PyExc_AttributeError, "'%s' object has no attribute '%s'",
+                         Py_TYPE(o)->tp_name, FIELD_NAMES[i]);
+            return -1;
+        }
     }
     return 0;
 }
@@ -183,6 +184,17 @@ static int unlock(Hot *self)
     return 0;
 }
 
+/* Release the lock on a failure path, keeping the failure's exception. */
+static void unlock_on_error(Hot *self)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (unlock(self) < 0) { /* the first error is the one to report */
+        PyErr_Clear();
+    }
+    PyErr_Restore(et, ev, tb);
+}
+
 /* ProcessTable.get: live, else recently exited, else NULL without an error (borrowed). */
 static PyObject *table_get(Hot *self, PyObject *pid)
 {
@@ -201,7 +213,7 @@ static PyObject *table_lookup(Hot *self, PyObject *pid)
     } else if (!PyErr_Occurred()) {
         info = PyObject_CallMethodOneArg(self->table, s_lookup, pid);
     }
-    if (info != NULL && check_info(self, info) < 0)
+    if (info != NULL && usable(self, info) < 0)
         Py_CLEAR(info);
     return info;
 }
@@ -289,9 +301,7 @@ static PyObject *iso_timestamp_obj(Hot *self, PyObject *ns)
 /* ProcessInfo.name: the executable's base name, else comm (new reference). */
 static PyObject *info_name(Hot *self, PyObject *info)
 {
-    PyObject *exe = get_slot(self, info, F_EXECUTABLE);
-    if (exe == NULL)
-        return NULL;
+    PyObject *exe = SLOT(info, F_EXECUTABLE);
     if (PyObject_IsTrue(exe) == 1) {
         if (!PyUnicode_Check(exe)) {
             PyErr_Format(PyExc_TypeError, "executable is a %s, not a str", Py_TYPE(exe)->tp_name);
@@ -303,9 +313,7 @@ static PyObject *info_name(Hot *self, PyObject *info)
             return NULL;
         return PyUnicode_Substring(exe, slash + 1, len);
     }
-    PyObject *comm = get_slot(self, info, F_COMM);
-    Py_XINCREF(comm);
-    return comm;
+    return Py_NewRef(SLOT(info, F_COMM));
 }
 
 static int set_str(PyObject *d, PyObject *key, PyObject *value)
@@ -335,9 +343,6 @@ static PyObject *id_dict(PyObject *value)
 static PyObject *build_ecs(Hot *self, PyObject *info, PyObject *parent)
 {
     PyObject *proc = NULL, *pfields = NULL, *fields = NULL, *v, *user = NULL;
-    for (int i = 0; i < F_COUNT; i++)
-        if (get_slot(self, info, i) == NULL)
-            return NULL;
     proc = PyDict_New();
     if (proc == NULL)
         return NULL;
@@ -392,9 +397,6 @@ static PyObject *build_ecs(Hot *self, PyObject *info, PyObject *parent)
     if (pfields == NULL || PyDict_SetItem(pfields, s_pid, SLOT(info, F_PPID)) < 0)
         goto fail;
     if (parent != NULL) {
-        for (int i = 0; i < F_COUNT; i++)
-            if (get_slot(self, parent, i) == NULL)
-                goto fail;
         if (PyDict_SetItem(pfields, s_entity_id, SLOT(parent, F_ENTITY_ID)) < 0 ||
             set_str(pfields, s_name, info_name(self, parent)) < 0)
             goto fail;
@@ -471,9 +473,6 @@ fail:
 static PyObject *ecs(Hot *self, PyObject *info)
 {
     PyObject *parent = NULL, *key = NULL, *fields = NULL, *proc = NULL;
-    for (int i = 0; i < F_COUNT; i++)
-        if (get_slot(self, info, i) == NULL)
-            return NULL;
     PyObject *ppid = SLOT(info, F_PPID);
     int t = PyObject_IsTrue(ppid);
     if (t < 0)
@@ -482,12 +481,8 @@ static PyObject *ecs(Hot *self, PyObject *info)
         parent = table_get(self, ppid);
         if (parent == NULL && PyErr_Occurred())
             return NULL;
-        if (parent != NULL && check_info(self, parent) < 0)
+        if (parent != NULL && usable(self, parent) < 0)
             return NULL;
-        if (parent != NULL)
-            for (int i = 0; i < F_COUNT; i++)
-                if (get_slot(self, parent, i) == NULL)
-                    return NULL;
     }
     key = PyTuple_Pack(9, SLOT(info, F_EXECUTABLE), SLOT(info, F_COMM), SLOT(info, F_CWD), ppid,
                        SLOT(info, F_CONTAINER_ID), parent ? parent : Py_None,
@@ -596,15 +591,23 @@ fail:
     return NULL;
 }
 
+/* Hand an event over: to the pending list, else to ctx.emit. Consumes the reference; a NULL
+ * event (its building failed) is passed through as the failure. */
 static int emit(Hot *self, PyObject *ev)
 {
-    if (self->pending != NULL)
-        return PyList_Append(self->pending, ev);
-    PyObject *r = PyObject_CallOneArg(self->emit, ev);
-    if (r == NULL)
+    if (ev == NULL)
         return -1;
-    Py_DECREF(r);
-    return 0;
+    int rc = 0;
+    if (self->pending != NULL) {
+        rc = PyList_Append(self->pending, ev);
+    } else {
+        PyObject *r = PyObject_CallOneArg(self->emit, ev);
+        if (r == NULL)
+            rc = -1;
+        Py_XDECREF(r);
+    }
+    Py_DECREF(ev);
+    return rc;
 }
 
 static int forget_writes(Hot *self, PyObject *pid, int cloexec_only)
@@ -694,7 +697,7 @@ static int rec_fork(Hot *self, const char *raw, Py_ssize_t len)
     PyObject *parent = PyDict_GetItemWithError(self->live, ppid);
     if (parent == NULL && PyErr_Occurred())
         goto out;
-    if (parent != NULL && check_info(self, parent) < 0)
+    if (parent != NULL && usable(self, parent) < 0)
         goto out;
     eid = entity_id(self, pid_v, start_v);
     if (eid == NULL)
@@ -712,12 +715,8 @@ static int rec_fork(Hot *self, const char *raw, Py_ssize_t len)
     if (parent != NULL) {
         static const int inherited[] = {F_COMM, F_EXECUTABLE, F_ARGS, F_ARGS_TRUNCATED, F_CWD,
                                         F_UID, F_GID, F_LOGINUID, F_CONTAINER_ID, F_SHA256};
-        for (size_t i = 0; i < sizeof inherited / sizeof inherited[0]; i++) {
-            PyObject *v = get_slot(self, parent, inherited[i]);
-            if (v == NULL)
-                goto out;
-            set_slot(self, child, inherited[i], v);
-        }
+        for (size_t i = 0; i < sizeof inherited / sizeof inherited[0]; i++)
+            set_slot(self, child, inherited[i], SLOT(parent, inherited[i]));
     } else {
         PyObject *args = PyList_New(0);
         if (args == NULL)
@@ -745,32 +744,25 @@ static int rec_fork(Hot *self, const char *raw, Py_ssize_t len)
         Py_DECREF(r);
     }
     if (self->emit_forks && self->process) {
-        PyObject *ev = make_event(self, A_FORK, child, ktime);
-        if (ev == NULL || emit(self, ev) < 0) {
-            Py_XDECREF(ev);
+        if (emit(self, make_event(self, A_FORK, child, ktime)) < 0)
             goto out;
-        }
-        Py_DECREF(ev);
     }
     rc = 0;
 out:
-    if (locked) {
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        if (unlock(self) < 0) {
-            Py_XDECREF(et);
-            Py_XDECREF(ev);
-            Py_XDECREF(tb);
-        } else {
-            PyErr_Restore(et, ev, tb);
-        }
-    }
+    if (locked)
+        unlock_on_error(self);
     Py_XDECREF(ppid);
     Py_XDECREF(pid);
     Py_XDECREF(start);
     Py_XDECREF(eid);
     Py_XDECREF(child);
     return rc;
+}
+
+static int is_abs(PyObject *path)
+{
+    return PyUnicode_Check(path) && PyUnicode_GET_LENGTH(path) > 0 &&
+           PyUnicode_READ_CHAR(path, 0) == '/';
 }
 
 /* Is os.path.normpath(path) == path for this absolute path? (no //, /./, /../, trailing /) */
@@ -892,21 +884,20 @@ static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
                 goto out;
             PyObject *cwd = Py_None;
             if (known != NULL) {
-                if (check_info(self, known) < 0 || (cwd = get_slot(self, known, F_CWD)) == NULL)
+                if (usable(self, known) < 0)
                     goto out;
+                cwd = SLOT(known, F_CWD);
             }
             exe = PyObject_CallFunctionObjArgs(self->resolve_path, filename, cwd, NULL);
             if (exe == NULL)
                 goto out;
         }
-        if (PyUnicode_Check(exe) && PyUnicode_GET_LENGTH(exe) > 0 &&
-            PyUnicode_READ_CHAR(exe, 0) == '/') {
+        if (is_abs(exe)) {
             Py_SETREF(exe, resolve_links(self, exe));
             if (exe == NULL)
                 goto out;
         }
-        if (!(PyUnicode_Check(exe) && PyUnicode_GET_LENGTH(exe) > 0 &&
-              PyUnicode_READ_CHAR(exe, 0) == '/'))
+        if (!is_abs(exe))
             Py_SETREF(exe, Py_NewRef(Py_None));
     } else {
         exe = Py_NewRef(Py_None);
@@ -916,9 +907,6 @@ static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
     info = table_lookup(self, pid);
     if (info == NULL)
         goto out;
-    for (int i = 0; i < F_COUNT; i++)
-        if (get_slot(self, info, i) == NULL)
-            goto out;
     if (lock(self) < 0)
         goto out;
     locked = 1;
@@ -1027,25 +1015,13 @@ static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
                 goto out;
             }
         }
-        if (emit(self, ev) < 0) {
-            Py_DECREF(ev);
+        if (emit(self, ev) < 0)
             goto out;
-        }
-        Py_DECREF(ev);
     }
     rc = 0;
 out:
-    if (locked) {
-        PyObject *et, *evv, *tb;
-        PyErr_Fetch(&et, &evv, &tb);
-        if (unlock(self) < 0) {
-            Py_XDECREF(et);
-            Py_XDECREF(evv);
-            Py_XDECREF(tb);
-        } else {
-            PyErr_Restore(et, evv, tb);
-        }
-    }
+    if (locked)
+        unlock_on_error(self);
     Py_XDECREF(args);
     Py_XDECREF(comm);
     Py_XDECREF(filename);
@@ -1134,25 +1110,13 @@ static int rec_exit(Hot *self, const char *raw, Py_ssize_t len)
                 goto out;
             }
         }
-        if (emit(self, ev) < 0) {
-            Py_DECREF(ev);
+        if (emit(self, ev) < 0)
             goto out;
-        }
-        Py_DECREF(ev);
     }
     rc = 0;
 out:
-    if (locked) {
-        PyObject *et, *evv, *tb;
-        PyErr_Fetch(&et, &evv, &tb);
-        if (unlock(self) < 0) {
-            Py_XDECREF(et);
-            Py_XDECREF(evv);
-            Py_XDECREF(tb);
-        } else {
-            PyErr_Restore(et, evv, tb);
-        }
-    }
+    if (locked)
+        unlock_on_error(self);
     Py_XDECREF(pid);
     Py_XDECREF(code);
     Py_XDECREF(info);
@@ -1285,6 +1249,31 @@ done:
 
 /* -- the type ------------------------------------------------------------------------------ */
 
+/* Every object the type holds: the keyword that sets it at init (NULL: derived at init or
+ * per call), so init, clear and traverse walk one list. */
+static const struct {
+    const char *kw;
+    Py_ssize_t off;
+} MEMBERS[] = {
+    {"src", offsetof(Hot, src)}, {"table", offsetof(Hot, table)}, {"host", offsetof(Hot, host)},
+    {"tier", offsetof(Hot, tier)}, {"schema", offsetof(Hot, schema)},
+    {"by_tag", offsetof(Hot, by_tag)}, {"decode_error", offsetof(Hot, decode_error)},
+    {"unknown", offsetof(Hot, unknown)}, {"user_names", offsetof(Hot, user_names)},
+    {"user_name", offsetof(Hot, user_name)}, {"resolve_path", offsetof(Hot, resolve_path)},
+    {"realpath", offsetof(Hot, realpath)}, {"proc_link", offsetof(Hot, proc_link)},
+    {"proc_cmdline", offsetof(Hot, proc_cmdline)},
+    {"proc_loginuid", offsetof(Hot, proc_loginuid)},
+    {"record_failed", offsetof(Hot, record_failed)}, {NULL, offsetof(Hot, info_type)},
+    {NULL, offsetof(Hot, live)}, {NULL, offsetof(Hot, exited)},
+    {NULL, offsetof(Hot, containers)}, {NULL, offsetof(Hot, lock)},
+    {NULL, offsetof(Hot, acquire)}, {NULL, offsetof(Hot, release)},
+    {NULL, offsetof(Hot, move_to_end)}, {NULL, offsetof(Hot, popitem)},
+    {NULL, offsetof(Hot, emit)}, {NULL, offsetof(Hot, pending)},
+    {NULL, offsetof(Hot, writes_by_pid)}, {NULL, offsetof(Hot, boot_epoch)},
+};
+#define MEMBER(self, i) (*(PyObject **)((char *)(self) + MEMBERS[i].off))
+#define N_MEMBERS (sizeof MEMBERS / sizeof MEMBERS[0])
+
 static PyObject *need(PyObject *kw, const char *name)
 {
     PyObject *v = PyDict_GetItemString(kw, name);
@@ -1299,20 +1288,11 @@ static int Hot_init(Hot *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_TypeError, "Hot() takes keyword arguments only");
         return -1;
     }
-    static const char *objects[] = {"src", "table", "host", "tier", "schema", "by_tag",
-                                    "decode_error", "unknown", "user_names", "user_name",
-                                    "resolve_path", "realpath", "proc_link", "proc_cmdline",
-                                    "proc_loginuid", "record_failed"};
-    PyObject **slots[] = {&self->src, &self->table, &self->host, &self->tier, &self->schema,
-                          &self->by_tag, &self->decode_error, &self->unknown, &self->user_names,
-                          &self->user_name, &self->resolve_path, &self->realpath,
-                          &self->proc_link, &self->proc_cmdline, &self->proc_loginuid,
-                          &self->record_failed};
-    for (size_t i = 0; i < sizeof objects / sizeof objects[0]; i++) {
-        PyObject *v = need(kw, objects[i]);
+    for (size_t i = 0; i < N_MEMBERS && MEMBERS[i].kw != NULL; i++) {
+        PyObject *v = need(kw, MEMBERS[i].kw);
         if (v == NULL)
             return -1;
-        Py_XSETREF(*slots[i], Py_NewRef(v));
+        Py_XSETREF(MEMBER(self, i), Py_NewRef(v));
     }
     if (!PyDict_Check(self->by_tag) || !PyDict_Check(self->user_names) ||
         !PyUnicode_Check(self->tier)) {
@@ -1433,33 +1413,18 @@ static int Hot_init(Hot *self, PyObject *args, PyObject *kw)
 
 static int Hot_traverse(Hot *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->src);
-    Py_VISIT(self->table);
-    Py_VISIT(self->info_type);
-    Py_VISIT(self->emit);
-    Py_VISIT(self->realpath);
-    Py_VISIT(self->record_failed);
-    Py_VISIT(self->live);
-    Py_VISIT(self->exited);
-    Py_VISIT(self->writes_by_pid);
+    for (size_t i = 0; i < N_MEMBERS; i++)
+        Py_VISIT(MEMBER(self, i));
+    for (int a = 0; a < A_COUNT; a++)
+        for (int j = 0; j < 3; j++)
+            Py_VISIT(self->skel[a][j]);
     return 0;
 }
 
 static int Hot_clear(Hot *self)
 {
-    PyObject **all[] = {&self->src,        &self->table,        &self->host,
-                        &self->tier,       &self->schema,       &self->by_tag,
-                        &self->decode_error, &self->unknown,    &self->user_names,
-                        &self->user_name,  &self->resolve_path, &self->realpath,
-                        &self->proc_link,  &self->proc_cmdline, &self->proc_loginuid,
-                        &self->emit,       &self->record_failed, &self->live,
-                        &self->exited,     &self->containers,   &self->lock,
-                        &self->acquire,    &self->release,      &self->move_to_end,
-                        &self->popitem,
-                        &self->pending,    &self->writes_by_pid, &self->boot_epoch};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
-        Py_CLEAR(*all[i]);
-    Py_CLEAR(self->info_type);
+    for (size_t i = 0; i < N_MEMBERS; i++)
+        Py_CLEAR(MEMBER(self, i));
     for (int a = 0; a < A_COUNT; a++)
         for (int j = 0; j < 3; j++)
             Py_CLEAR(self->skel[a][j]);
