@@ -100,8 +100,10 @@ def net_record(
     return header(kind, pid) + body
 
 
-@pytest.fixture
-def source() -> tuple[TracepointSource, list[dict]]:
+def make_source(
+    families: frozenset[Family] = frozenset(Family), *, emit_forks: bool = True
+) -> tuple[TracepointSource, list[dict]]:
+    """A source over a fresh table with a fixed boot epoch, and the list its events go to."""
     events: list[dict] = []
     table = ProcessTable("test-host", boot_ns_to_epoch_ns=BOOT_EPOCH)
     ctx = CaptureContext(
@@ -109,9 +111,14 @@ def source() -> tuple[TracepointSource, list[dict]]:
         table=table,
         emit=events.append,
         ignored_pids={os.getpid()},
-        emit_forks=True,
+        emit_forks=emit_forks,
     )
-    return TracepointSource(ctx, frozenset(Family)), events
+    return TracepointSource(ctx, families), events
+
+
+@pytest.fixture
+def source() -> tuple[TracepointSource, list[dict]]:
+    return make_source()
 
 
 # pids far above pid_max so /proc never answers for them

@@ -10,7 +10,6 @@ clocks). No root and no BPF: pids are far above pid_max, so /proc never answers 
 from __future__ import annotations
 
 import dataclasses
-import os
 import struct
 
 import orjson
@@ -24,44 +23,28 @@ from sensor.capture import CaptureContext
 from sensor.ebpf import EventType, FileOp, TracepointSource
 from sensor.process_table import ProcessTable
 from tests.bpf.test_decode import (
-    BOOT_EPOCH,
     HDR,
     PARENT,
     PID,
     exec_record,
     file_record,
     fork_record,
-)
-
-pytestmark = pytest.mark.skipif(
-    ebpf._hotpath is None, reason="sensor/_hotpath is not built: run scripts/setup.sh"
+    make_source,
 )
 
 
 def test_the_compiled_path_is_built() -> None:
-    """scripts/setup.sh builds it; a checkout that skipped that would test only Python."""
-    assert ebpf._hotpath is not None
+    """scripts/setup.sh builds it. Not a skip: without it every test here would pass by
+    testing Python against itself, or be skipped, while the sensor uses the C path."""
+    assert ebpf._hotpath is not None, "sensor/_hotpath is not built: run scripts/setup.sh"
 
 
 class Pair:
     """Two sources over two tables: one on the C path, one on the Python path."""
 
     def __init__(self, *, emit_forks: bool = True, families: frozenset[Family] = frozenset(Family)):
-        self.sides: list[tuple[TracepointSource, list[dict]]] = []
-        for compiled in (True, False):
-            events: list[dict] = []
-            table = ProcessTable("test-host", boot_ns_to_epoch_ns=BOOT_EPOCH)
-            ctx = CaptureContext(
-                host={"id": "test-host"},
-                table=table,
-                emit=events.append,
-                ignored_pids={os.getpid()},
-                emit_forks=emit_forks,
-            )
-            src = TracepointSource(ctx, families)
-            if not compiled:
-                src._hot = None
-            self.sides.append((src, events))
+        self.sides = [make_source(families, emit_forks=emit_forks) for _ in range(2)]
+        self.sides[1][0]._hot = None  # the Python path
         assert self.sides[0][0].compiled and not self.sides[1][0].compiled
 
     def feed(self, records: list[bytes], *, batched: bool = True) -> None:
