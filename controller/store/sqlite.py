@@ -663,36 +663,36 @@ class SQLiteStore:
         with self._reading() as c:
             return c.execute("SELECT max(version) FROM schema_version").fetchone()[0]
 
+    @staticmethod
+    @contextmanager
+    def _transaction(c: sqlite3.Connection, begin: str) -> Iterator[sqlite3.Connection]:
+        """``c`` inside one transaction: committed, or rolled back on any exception."""
+        c.execute(begin)
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """The writer connection inside one IMMEDIATE transaction, under the writer lock."""
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
-            c = self._writer
-            c.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction(self._writer, "BEGIN IMMEDIATE") as c:
                 yield c
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-            c.execute("COMMIT")
 
     @contextmanager
     def _write_processes(self) -> Iterator[sqlite3.Connection]:
         """The process file's writer inside one transaction, under its own lock. Deferred,
         not IMMEDIATE: IMMEDIATE would take the attached store's write lock too."""
         with self._proc_lock:
-            c = self._proc
-            if self._closed or c is None:
+            if self._closed or self._proc is None:
                 raise StoreError("store is closed")
-            c.execute("BEGIN")
-            try:
+            with self._transaction(self._proc, "BEGIN") as c:
                 yield c
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-            c.execute("COMMIT")
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
