@@ -238,6 +238,24 @@ _FORK_S, _EXIT_S, _CHDIR_S, _FILE_S, _WRITE_S, _NET_S, _CGROUP_S = (
 # -- decoded records ---------------------------------------------------------------------------
 
 
+def prefix_heads(prefixes: Iterable[str]) -> set[int]:
+    """The ``sensitive_heads`` indices (file.bpf.c) that the paths under ``prefixes`` can have.
+
+    A path's index is its bytes 1 and 2 as ``b1 << 8 | b2``. A prefix of three bytes or more
+    allows one index, "/x" every index with ``b1 == x``, and "/" every index.
+    """
+    heads: set[int] = set()
+    for prefix in prefixes:
+        data = prefix.encode()
+        if len(data) >= 3:
+            heads.add(data[1] << 8 | data[2])
+        elif len(data) == 2:
+            heads.update(data[1] << 8 | b2 for b2 in range(256))
+        else:
+            heads.update(range(1 << 16))
+    return heads
+
+
 class DecodeError(ValueError):
     """A ring-buffer record that does not have the shape its type tag promises."""
 
@@ -1003,6 +1021,9 @@ class TracepointSource(Source):
             filters = self.ctx.filters
             self._fill_prefixes(bpf[b"exclude_prefixes"], filters.exclude_prefixes)
             self._fill_prefixes(bpf[b"sensitive_prefixes"], filters.sensitive_read_prefixes)
+            heads = bpf[b"sensitive_heads"]
+            for head in sorted(prefix_heads(filters.sensitive_read_prefixes)):
+                heads[heads.Key(head)] = heads.Leaf(1)
 
     @staticmethod
     def _fill_prefixes(trie: Any, prefixes: Iterable[str]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from backplane.schema import Family
-from sensor.capture import CaptureContext
+from sensor.capture import CaptureContext, FilterConfig
 from sensor.ebpf import TracepointSource
 from sensor.process_table import ProcessTable
 
@@ -48,7 +48,9 @@ class Running:
         return took
 
 
-def start_source(families: frozenset[Family] = frozenset(Family)) -> Running:
+def start_source(
+    families: frozenset[Family] = frozenset(Family), filters: FilterConfig | None = None
+) -> Running:
     reason = TracepointSource.unavailable()
     if reason:
         pytest.skip(reason)
@@ -62,6 +64,8 @@ def start_source(families: frozenset[Family] = frozenset(Family)) -> Running:
         ignored_pids={os.getpid()},
         emit_forks=True,  # test_live looks for fork events
     )
+    if filters is not None:
+        ctx.filters = filters
     src = TracepointSource(ctx, families)
     src.open()
     stop = threading.Event()

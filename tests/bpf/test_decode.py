@@ -468,6 +468,20 @@ def test_bad_prefix_is_refused() -> None:
         TracepointSource._fill_prefixes(Trie(), ["relative/"])
 
 
+def test_prefix_heads_admit_every_path_a_prefix_can_match() -> None:
+    """The kernel's pre-filter index (bytes 1 and 2 of a path) must never rule out a match."""
+    heads = ebpf.prefix_heads(["/etc/shadow", "/root/.ssh/"])
+    assert heads == {ord("e") << 8 | ord("t"), ord("r") << 8 | ord("o")}
+    two = ebpf.prefix_heads(["/x"])
+    assert len(two) == 256 and all(h >> 8 == ord("x") for h in two)
+    assert ebpf.prefix_heads(["/"]) == set(range(1 << 16))
+    assert ebpf.prefix_heads([]) == set()
+    for prefix in ("/etc/shadow", "/x", "/"):
+        for path in (prefix, prefix + "/more", prefix + "x"):
+            data = path.encode() + b"\0\0"
+            assert data[1] << 8 | data[2] in ebpf.prefix_heads([prefix]) or len(path) < 2
+
+
 def test_fork_events_are_tracked_but_not_emitted_by_default() -> None:
     events: list[dict] = []
     table = ProcessTable("test-host", boot_ns_to_epoch_ns=BOOT_EPOCH)

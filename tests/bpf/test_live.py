@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from sensor.capture import FilterConfig
+
+from .conftest import start_source
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(120)]
 
@@ -222,6 +228,45 @@ def test_read_only_opens_are_reported_only_under_sensitive_prefixes(sensor) -> N
     assert not sensor.find(
         lambda e: _pid_is(pid)(e) and e.get("file", {}).get("path") == "/etc/hostname"
     )
+
+
+def test_sensitive_prefixes_of_any_length_decide_read_only_opens() -> None:
+    """Configured prefixes, one of the full 64 bytes: the kernel's short read and two-byte
+    pre-filter (file.bpf.c edr_read_only_not_sensitive) must agree with the whole path."""
+    base = Path(tempfile.mkdtemp(prefix="edr-sens-", dir="/tmp"))
+    try:
+        short = base / "s"
+        long_dir = base / ("d" * (62 - len(str(base))))
+        assert len(f"{long_dir}/") == 64
+        for d in (short, long_dir):
+            d.mkdir()
+            (d / "secret").write_text("x")
+        (base / "plain").write_text("x")  # same first bytes as the prefixes, not under them
+        sibling = Path(f"{long_dir}x")  # differs from the long prefix in its 64th byte only
+        sibling.write_text("x")
+        filters = FilterConfig(sensitive_read_prefixes=(f"{short}/", f"{long_dir}/"))
+        running = start_source(filters=filters)
+        try:
+            paths = [short / "secret", long_dir / "secret", base / "plain", sibling]
+            pid, _ = run_child(
+                f"""
+                import json
+                for p in {[str(p) for p in paths]!r}:
+                    open(p, "rb").close()
+                print(json.dumps({{}}))
+                """
+            )
+            assert running.wait_for(_action(pid, "exit"))
+            opened = {
+                e["file"]["path"]
+                for e in running.find(lambda e: _pid_is(pid)(e) and "file" in e)
+                if e["event"]["action"] == "open"
+            }
+            assert opened == {str(short / "secret"), str(long_dir / "secret")}
+        finally:
+            running.halt()
+    finally:
+        shutil.rmtree(base)
 
 
 NET_CHILD = """
