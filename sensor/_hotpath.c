@@ -849,9 +849,15 @@ static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
     PyObject *loginuid = NULL, *exe = NULL, *info = NULL, *tmp = NULL, *argv = NULL;
     int rc = -1, locked = 0, t;
     if (!(flags & EDR_EXEC_NO_ARGS)) {
-        args = split_args(b + fixed, size, count);
+        int block = (flags & EDR_EXEC_ARGS_BLOCK) != 0; /* uncounted: keep the first MAX */
+        args = split_args(b + fixed, size, block ? EDR_ARGS_MAX_COUNT + 1 : count);
         if (args == NULL)
             goto out;
+        if (block && PyList_GET_SIZE(args) > EDR_ARGS_MAX_COUNT) {
+            if (PyList_SetSlice(args, EDR_ARGS_MAX_COUNT, PY_SSIZE_T_MAX, NULL) < 0)
+                goto out;
+            flags |= EDR_EXEC_ARGS_TRUNCATED;
+        }
     } else {
         args = Py_NewRef(Py_None);
     }

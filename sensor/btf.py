@@ -175,14 +175,46 @@ class Btf:
         return total, size
 
 
-def task_offsets(path: Path = VMLINUX_BTF) -> dict[str, int]:
-    """``-D`` constants for the BPF programs: where task_struct keeps the audit login uid.
+# -D constant -> (struct, member, size). Each group is all or nothing: a program reads the
+# fields of a group only when every one of them was found with the expected size.
+OFFSET_GROUPS: dict[str, tuple[tuple[str, str, str, int], ...]] = {
+    # the audit login uid (CONFIG_AUDIT); without it user space reads /proc
+    "loginuid": (("EDR_TASK_LOGINUID_OFF", "task_struct", "loginuid", 4),),
+    # the wait status do_exit stores before sched_process_exit fires; without it the exit
+    # status is gathered from exit(2), exit_group(2) and signal delivery
+    "exit_code": (("EDR_TASK_EXIT_CODE_OFF", "task_struct", "exit_code", 4),),
+    # argv as the kernel laid it out in the new image; without it argv is read from the
+    # caller's memory at execve entry
+    "args": (
+        ("EDR_TASK_MM_OFF", "task_struct", "mm", 8),
+        ("EDR_MM_ARG_START_OFF", "mm_struct", "arg_start", 8),
+        ("EDR_MM_ARG_END_OFF", "mm_struct", "arg_end", 8),
+    ),
+}
 
-    Empty when the kernel has no BTF or no audit support (``CONFIG_AUDIT`` unset): the
-    programs then leave the login uid to user space, which reads /proc.
+
+def task_offsets(path: Path = VMLINUX_BTF) -> dict[str, int]:
+    """``-D`` constants for the BPF programs: where the running kernel keeps the task fields
+    of ``OFFSET_GROUPS``.
+
+    A group missing from the result (no BTF, no ``CONFIG_AUDIT``, a member renamed or
+    resized) leaves the programs on their way that needs no kernel struct.
     """
     try:
-        offset, size = Btf.from_file(path).member("task_struct", "loginuid")
+        btf = Btf.from_file(path)
     except BtfError:
         return {}
-    return {"EDR_TASK_LOGINUID_OFF": offset} if size == 4 else {}
+    out: dict[str, int] = {}
+    for members in OFFSET_GROUPS.values():
+        found: dict[str, int] = {}
+        for name, struct_name, member, want in members:
+            try:
+                offset, size = btf.member(struct_name, member)
+            except BtfError:
+                break
+            if size != want:
+                break
+            found[name] = offset
+        else:
+            out.update(found)
+    return out

@@ -62,7 +62,7 @@ COMM_LEN, PATH_LEN = 16, 256
 ARGS_MAX_BYTES, ARGS_MAX_COUNT = 4096, 128
 ARGS_BUF = 2 * ARGS_MAX_BYTES
 
-EXEC_ARGS_TRUNCATED, EXEC_NO_ARGS, EXEC_HAVE_LOGINUID = 1, 2, 4
+EXEC_ARGS_TRUNCATED, EXEC_NO_ARGS, EXEC_HAVE_LOGINUID, EXEC_ARGS_BLOCK = 1, 2, 4, 8
 FORK_INTO_CGROUP = 1
 NO_LOGINUID = 0xFFFFFFFF  # the kernel's "unset"
 EXIT_HAVE_CODE, EXIT_HAVE_SIGNAL = 1, 2
@@ -389,14 +389,22 @@ def decode_exec(raw: bytes) -> ExecRecord:
         raise DecodeError(f"exec record claims {count} args in {size} bytes, beyond the bounds")
     _check_size(raw, _EXEC_FIXED.size + size, "exec")
     args = None
+    truncated = bool(flags & EXEC_ARGS_TRUNCATED)
     if not flags & EXEC_NO_ARGS:
-        args = split_args(raw[_EXEC_FIXED.size : _EXEC_FIXED.size + size], count)
+        block = raw[_EXEC_FIXED.size : _EXEC_FIXED.size + size]
+        if flags & EXEC_ARGS_BLOCK:  # the kernel did not count: keep the first MAX_COUNT
+            args = split_args(block, ARGS_MAX_COUNT + 1)
+            if len(args) > ARGS_MAX_COUNT:
+                del args[ARGS_MAX_COUNT:]
+                truncated = True
+        else:
+            args = split_args(block, count)
     return ExecRecord(
         _header(v),
         old_pid,
         _cstr(filename),
         args,
-        bool(flags & EXEC_ARGS_TRUNCATED),
+        truncated,
         cgroup_id,
         (None if loginuid == NO_LOGINUID else loginuid)
         if flags & EXEC_HAVE_LOGINUID

@@ -41,8 +41,12 @@ enum edr_file_op {
 
 /* exec flags */
 #define EDR_EXEC_ARGS_TRUNCATED 1
-#define EDR_EXEC_NO_ARGS 2 /* the enter-side stash was missing: user space reads /proc */
+#define EDR_EXEC_NO_ARGS 2 /* argv could not be read: user space reads /proc */
 #define EDR_EXEC_HAVE_LOGINUID 4 /* loginuid was read from the task (BTF offset) */
+/* args is the new image's argv block as the kernel laid it out (NUL-terminated strings,
+ * args_size bytes, args_count 0): user space splits it, keeping at most EDR_ARGS_MAX_COUNT
+ * strings (more set the truncation flag) */
+#define EDR_EXEC_ARGS_BLOCK 8
 /* fork flags */
 #define EDR_FORK_INTO_CGROUP 1 /* clone3(CLONE_INTO_CGROUP): the child starts in another cgroup */
 /* exit flags */

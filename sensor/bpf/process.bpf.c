@@ -10,9 +10,17 @@
  * the truncation flag is set). The child's start time is taken at the fork tracepoint, a few
  * microseconds after the kernel's own stamp, so it can differ from /proc's by one tick.
  * Exits are reported once per process (group_dead), not per thread.
- * The audit login uid is a task_struct field, read at the offset the loader takes from the
- * running kernel's BTF (EDR_TASK_LOGINUID_OFF), never from the compile-time headers; without
- * it user space reads /proc.
+ * Task fields are read at offsets the loader takes from the running kernel's BTF
+ * (sensor/btf.py), never from the compile-time headers, each with a way that needs none:
+ * - the audit login uid (EDR_TASK_LOGINUID_OFF); without it user space reads /proc;
+ * - argv (EDR_TASK_MM_OFF, EDR_MM_ARG_START/END_OFF): the block the kernel copied into the
+ *   new image, read at sched_process_exec, so what is reported is what the program got (a
+ *   caller's thread rewriting its argv during execve cannot change it) and execve needs no
+ *   program of its own. User space splits and counts the strings (EDR_EXEC_ARGS_BLOCK).
+ *   Without it argv is read string by string from the caller at execve entry;
+ * - the exit status (EDR_TASK_EXIT_CODE_OFF): the wait status do_exit stored, read at
+ *   sched_process_exit. Without it the status is gathered from exit(2), exit_group(2) and
+ *   fatal signal delivery.
  */
 
 #define EDR_CLONE_THREAD 0x00010000ULL
@@ -30,10 +38,18 @@ struct edr_exit_state {
     __u32 flags;
 };
 
+#if defined(EDR_TASK_MM_OFF) && defined(EDR_MM_ARG_START_OFF) && defined(EDR_MM_ARG_END_OFF)
+#define EDR_ARGS_FROM_MM 1
+#endif
+
 BPF_PERCPU_ARRAY(exec_scratch, struct edr_exec_event, 1);
+#ifndef EDR_ARGS_FROM_MM
 BPF_HASH(exec_stash, __u32, struct edr_exec_event, EDR_EXEC_STASH_ENTRIES);
+#endif
 BPF_HASH(clone_flags, __u32, __u64, EDR_STASH_ENTRIES);
+#ifndef EDR_TASK_EXIT_CODE_OFF
 BPF_HASH(exit_state, __u32, struct edr_exit_state, EDR_STASH_ENTRIES);
+#endif
 BPF_HASH(chdir_stash, __u32, struct edr_chdir_event, EDR_STASH_ENTRIES);
 BPF_PERCPU_ARRAY(chdir_scratch, struct edr_chdir_event, 1);
 BPF_PERCPU_ARRAY(cgroup_scratch, struct edr_cgroup_event, 1);
@@ -86,6 +102,37 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 
 /* -- exec ------------------------------------------------------------------------------- */
 
+#ifdef EDR_ARGS_FROM_MM
+/* argv from the new image: mm->arg_start..arg_end holds the strings, NUL-terminated, as the
+ * kernel copied them from the caller. One read of at most EDR_ARGS_MAX_BYTES. */
+static __always_inline void edr_exec_args(struct edr_exec_event *e)
+{
+    __u64 task = bpf_get_current_task(); /* an integer, not a pointer BCC would rewrite */
+    __u64 mm = 0, start = 0, end = 0;
+
+    e->args_count = 0;
+    e->args_size = 0;
+    if (bpf_probe_read_kernel(&mm, sizeof(mm), (void *)(task + EDR_TASK_MM_OFF)) || !mm ||
+        bpf_probe_read_kernel(&start, sizeof(start), (void *)(mm + EDR_MM_ARG_START_OFF)) ||
+        bpf_probe_read_kernel(&end, sizeof(end), (void *)(mm + EDR_MM_ARG_END_OFF)) ||
+        end < start) {
+        e->flags = EDR_EXEC_NO_ARGS;
+        return;
+    }
+    __u64 len = end - start;
+    e->flags = EDR_EXEC_ARGS_BLOCK;
+    if (len > EDR_ARGS_MAX_BYTES) {
+        len = EDR_ARGS_MAX_BYTES;
+        e->flags |= EDR_EXEC_ARGS_TRUNCATED;
+    }
+    /* the mask is a no-op (len <= MAX) that shows the verifier the read fits the buffer */
+    if (bpf_probe_read_user(e->args, len & (EDR_ARGS_BUF - 1), (void *)start)) {
+        e->flags = EDR_EXEC_NO_ARGS;
+        return;
+    }
+    e->args_size = len;
+}
+#else
 static __always_inline int edr_exec_enter(const char *const *argv)
 {
     __u32 zero = 0;
@@ -139,6 +186,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
 {
     return edr_exec_enter(args->argv);
 }
+#endif
 
 /* Runs after the point of no return, in the new image; for an exec from a non-leader thread
  * the caller has already taken over the leader's pid and old_pid is its former tid. */
@@ -146,6 +194,13 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     __u32 zero = 0;
     __u32 old_pid = args->old_pid;
+#ifdef EDR_ARGS_FROM_MM
+    struct edr_exec_event *e = exec_scratch.lookup(&zero);
+
+    if (!e)
+        return 0;
+    edr_exec_args(e);
+#else
     struct edr_exec_event *e = exec_stash.lookup(&old_pid);
 
     if (!e) {
@@ -156,6 +211,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         e->args_count = 0;
         e->args_size = 0;
     }
+#endif
     edr_header_fill(&e->h, EDR_EV_EXEC);
     e->old_pid = old_pid;
     e->cgroup_id = bpf_get_current_cgroup_id();
@@ -175,13 +231,18 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     if (size > EDR_ARGS_MAX_BYTES)
         size = EDR_ARGS_MAX_BYTES;
     edr_submit(e, offsetof(struct edr_exec_event, args) + size, EDR_EV_EXEC);
+#ifndef EDR_ARGS_FROM_MM
     exec_stash.delete(&old_pid);
+#endif
+#ifndef EDR_TASK_EXIT_CODE_OFF
     /* signals seen while other threads were torn down by this exec are not an exit status */
     __u32 tgid = e->h.pid;
     exit_state.delete(&tgid);
+#endif
     return 0;
 }
 
+#ifndef EDR_ARGS_FROM_MM
 static __always_inline int edr_exec_exit(long ret)
 {
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
@@ -200,8 +261,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_execveat)
 {
     return edr_exec_exit(args->ret);
 }
+#endif
 
 /* -- exit ------------------------------------------------------------------------------- */
+
+#ifndef EDR_TASK_EXIT_CODE_OFF
 
 TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
 {
@@ -267,6 +331,8 @@ TRACEPOINT_PROBE(signal, signal_deliver)
     return 0;
 }
 
+#endif /* !EDR_TASK_EXIT_CODE_OFF */
+
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     __u64 id = bpf_get_current_pid_tgid();
@@ -289,6 +355,21 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #endif
     struct edr_exit_event ev = {};
     edr_header_fill(&ev.h, EDR_EV_EXIT);
+#ifdef EDR_TASK_EXIT_CODE_OFF
+    /* a wait status: the signal in the low 7 bits (0x80: core dumped), else the code in
+     * bits 8-15. The thread that ends the group carries the group's status. */
+    __s32 status = 0;
+    __u64 task = bpf_get_current_task();
+    if (!bpf_probe_read_kernel(&status, sizeof(status), (void *)(task + EDR_TASK_EXIT_CODE_OFF))) {
+        if (status & 0x7f) {
+            ev.signal = status & 0x7f;
+            ev.flags = EDR_EXIT_HAVE_SIGNAL;
+        } else {
+            ev.exit_code = (status >> 8) & 0xff;
+            ev.flags = EDR_EXIT_HAVE_CODE;
+        }
+    }
+#else
     struct edr_exit_state *st = exit_state.lookup(&tgid);
     if (st) {
         if (st->flags & EDR_EXIT_GROUP) {
@@ -303,6 +384,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         }
         exit_state.delete(&tgid);
     }
+#endif
     edr_submit(&ev, sizeof(ev), EDR_EV_EXIT);
     return 0;
 }

@@ -186,6 +186,28 @@ def test_malformed_records_count_the_same() -> None:
     assert src.decode_errors == 9 and src.handler_errors == 2
 
 
+def test_argv_blocks_split_the_same() -> None:
+    """EXEC_ARGS_BLOCK: the kernel copied the new image's argv without counting it."""
+    block = ebpf.EXEC_ARGS_BLOCK
+    many = b"".join(b"a%d\0" % i for i in range(ebpf.ARGS_MAX_COUNT + 20))
+    pair = Pair()
+    pair.feed(
+        [
+            exec_record(PID, b"/bin/true", many, 0, flags=block),  # more than the bound
+            exec_record(PID + 1, b"/bin/true", b"", 0, flags=block),  # an empty argv
+            exec_record(PID + 2, b"/bin/true", b"true\0\0cut", 0, flags=block | 1),
+            exec_record(PID + 3, b"/bin/true", b"x\0", 0, flags=block | ebpf.EXEC_NO_ARGS),
+        ]
+    )
+    events = pair.check()
+    first = events[0]["process"]
+    assert first["args"] == [f"a{i}" for i in range(ebpf.ARGS_MAX_COUNT)]
+    assert first["args_truncated"] is True
+    assert events[1]["process"].get("args", []) == []  # an empty argv is left out
+    assert events[2]["process"]["args"] == ["true", "", "cut"]
+    assert events[2]["process"]["args_truncated"] is True
+
+
 def test_a_broken_emit_is_a_handler_error_on_both() -> None:
     pair = Pair()
 
@@ -288,7 +310,7 @@ def _record(draw) -> bytes:
             filename + draw(st.binary(max_size=4)),
             args,
             draw(st.integers(0, 8)),
-            flags=draw(st.integers(0, 7)),
+            flags=draw(st.integers(0, 15)),  # 8: an uncounted argv block
             cgroup_id=draw(st.sampled_from([0, 5])),
             loginuid=draw(st.sampled_from([0, 1000, 0xFFFFFFFF])),
         )

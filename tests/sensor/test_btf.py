@@ -108,10 +108,52 @@ def test_unknown_kinds_and_missing_members_are_errors(tmp_path: Path) -> None:
     assert task_offsets(tmp_path / "no-audit") == {}
 
 
+def test_each_offset_group_is_all_or_nothing(tmp_path: Path) -> None:
+    """exit_code and the argv block (task_struct.mm, mm_struct.arg_start/arg_end) come as
+    groups: a group with a member missing or of another size gives none of its constants."""
+
+    def blob(arg_end_size: int, with_mm: bool = True) -> bytes:
+        b = Blob()
+        u32 = b.int_("unsigned int", 4)
+        s32 = b.int_("int", 4)
+        u64 = b.int_("long unsigned int", 8)
+        odd = b.int_("short unsigned int", arg_end_size)
+        mm = b.struct_("mm_struct", 64, [("arg_start", u64, 8 * 16), ("arg_end", odd, 8 * 24)])
+        mm_ptr = b.add("", btf.KIND_PTR, 0, mm)
+        members = [("state", u32, 0), ("exit_code", s32, 8 * 12), ("loginuid", u32, 8 * 40)]
+        if with_mm:
+            members.append(("mm", mm_ptr, 8 * 48))
+        b.struct_("task_struct", 64, members)
+        return b.bytes()
+
+    whole = tmp_path / "whole"
+    whole.write_bytes(blob(8))
+    assert task_offsets(whole) == {
+        "EDR_TASK_LOGINUID_OFF": 40,
+        "EDR_TASK_EXIT_CODE_OFF": 12,
+        "EDR_TASK_MM_OFF": 48,
+        "EDR_MM_ARG_START_OFF": 16,
+        "EDR_MM_ARG_END_OFF": 24,
+    }
+    for name, data in (("resized", blob(2)), ("no-mm", blob(8, with_mm=False))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert task_offsets(path) == {"EDR_TASK_LOGINUID_OFF": 40, "EDR_TASK_EXIT_CODE_OFF": 12}
+
+
 @pytest.mark.skipif(not btf.VMLINUX_BTF.exists(), reason="this kernel exposes no BTF")
-def test_the_running_kernel_has_the_login_uid() -> None:
+def test_the_running_kernel_has_every_offset_group() -> None:
     btf_here = Btf.from_file()
     loginuid = btf_here.member("task_struct", "loginuid")
-    assert task_offsets() == {"EDR_TASK_LOGINUID_OFF": loginuid[0]}
+    assert task_offsets() == {
+        "EDR_TASK_LOGINUID_OFF": loginuid[0],
+        "EDR_TASK_EXIT_CODE_OFF": btf_here.member("task_struct", "exit_code")[0],
+        "EDR_TASK_MM_OFF": btf_here.member("task_struct", "mm")[0],
+        "EDR_MM_ARG_START_OFF": btf_here.member("mm_struct", "arg_start")[0],
+        "EDR_MM_ARG_END_OFF": btf_here.member("mm_struct", "arg_end")[0],
+    }
+    assert btf_here.member("mm_struct", "arg_end")[0] == btf_here.member(
+        "mm_struct", "arg_start"
+    )[0] + 8  # adjacent in every kernel: a cross-check of the walk
     # sessionid follows loginuid in every kernel that has both: a cross-check of the walk
     assert btf_here.member("task_struct", "sessionid") == (loginuid[0] + 4, 4)
