@@ -5,7 +5,8 @@
  * Hooks: kprobe do_exit (the full wait status of the exiting task), kretprobe
  * inet_csk_accept (the accepted socket's 4-tuple, from struct sock).
  * Emits: EDR_EV_ACCEPT (with both ends, replacing the syscall-based accept of network.bpf.c);
- * the exit status feeds EDR_EV_EXIT through exit_state.
+ * the exit status feeds EDR_EV_EXIT through exit_state (only without the BTF offset of
+ * task_struct.exit_code: with it sched_process_exit reads the same status from the task).
  * Caveats: reads kernel structs, so it is only correct with headers that match the running
  * kernel; the loader refuses the tier otherwise.
  */
@@ -39,7 +40,7 @@ struct edr_compat_bpf_wq {
 
 #define EDR_EXIT_STATUS 8 /* internal: code holds a raw wait status from do_exit */
 
-#ifdef EDR_PROCESS
+#if defined(EDR_PROCESS) && !defined(EDR_TASK_EXIT_CODE_OFF)
 int kprobe__do_exit(struct pt_regs *ctx, long code)
 {
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
