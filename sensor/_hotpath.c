@@ -97,6 +97,7 @@ typedef struct {
     /* the last second formatted by iso_timestamp */
     long long ts_sec;
     char ts_text[80];
+    int ts_len;
 } Hot;
 
 /* interned strings */
@@ -218,6 +219,23 @@ static PyObject *table_lookup(Hot *self, PyObject *pid)
     return info;
 }
 
+/* Fetched once at import: EVP_sha256() in a digest call is fetched and freed per call. */
+static EVP_MD *sha256_md;
+
+/* v in decimal at p; returns the end. Per-event formatting without printf's parsing. */
+static char *put_decimal(char *p, unsigned long long v)
+{
+    char tmp[20];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *p++ = tmp[--n];
+    return p;
+}
+
 /* ProcessTable.entity_id: urlsafe base64 of sha256("<prefix><pid>:<start ticks>")[:18]. */
 static PyObject *entity_id(Hot *self, unsigned long pid, unsigned long long start_ticks)
 {
@@ -227,10 +245,11 @@ static PyObject *entity_id(Hot *self, unsigned long pid, unsigned long long star
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
     char out[24];
-    memcpy(buf, self->id_prefix, self->id_prefix_len);
-    int n = snprintf(buf + self->id_prefix_len, sizeof buf - self->id_prefix_len, "%lu:%llu",
-                     pid, start_ticks);
-    if (!EVP_Digest(buf, self->id_prefix_len + n, md, &mdlen, EVP_sha256(), NULL)) {
+    memcpy(buf, self->id_prefix, self->id_prefix_len); /* at most 200 bytes (Hot_init) */
+    char *end = put_decimal(buf + self->id_prefix_len, pid);
+    *end++ = ':';
+    end = put_decimal(end, start_ticks);
+    if (!EVP_Digest(buf, (size_t)(end - buf), md, &mdlen, sha256_md, NULL)) {
         PyErr_SetString(PyExc_RuntimeError, "SHA-256 failed");
         return NULL;
     }
@@ -268,13 +287,25 @@ static PyObject *iso_timestamp(Hot *self, __int128 ns)
             PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
             return NULL;
         }
-        snprintf(self->ts_text, sizeof self->ts_text, "%04d-%02d-%02dT%02d:%02d:%02d",
-                 tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+        int n = snprintf(self->ts_text, sizeof self->ts_text, "%04d-%02d-%02dT%02d:%02d:%02d",
+                         tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
+                         tm.tm_sec);
+        if (n < 0 || (size_t)n >= sizeof self->ts_text) {
+            PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
+            return NULL;
+        }
+        self->ts_len = n;
         self->ts_sec = (long long)sec;
     }
-    char out[96];
-    int n = snprintf(out, sizeof out, "%s.%06dZ", self->ts_text, (int)us);
-    return PyUnicode_FromStringAndSize(out, n);
+    /* the second's text, then ".uuuuuuZ" */
+    char out[sizeof self->ts_text + 8];
+    memcpy(out, self->ts_text, self->ts_len);
+    char *p = out + self->ts_len;
+    *p++ = '.';
+    for (int i = 5, v = (int)us; i >= 0; i--, v /= 10)
+        p[i] = (char)('0' + v % 10);
+    p[6] = 'Z';
+    return PyUnicode_FromStringAndSize(out, self->ts_len + 8);
 }
 
 static PyObject *iso_timestamp_obj(Hot *self, PyObject *ns)
@@ -1555,6 +1586,10 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__hotpath(void)
 {
+    if (sha256_md == NULL && (sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL)) == NULL) {
+        PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA-256");
+        return NULL;
+    }
     struct {
         PyObject **var;
         const char *text;
