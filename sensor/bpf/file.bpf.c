@@ -75,6 +75,13 @@ BPF_TABLE("lru_hash", struct edr_dedup_key, __u64, open_dedup, 16384);
 BPF_PERCPU_ARRAY(file_scratch, struct edr_file_event, 1);
 BPF_PERCPU_ARRAY(path_key_scratch, struct edr_path_key, 1);
 BPF_HASH(file_stash, __u32, struct edr_file_event, EDR_STASH_ENTRIES);
+/* How many file_stash entries the threads whose tid & (EDR_STASH_HINTS - 1) is the index
+ * hold. The exit programs run on every open and close of every process, and almost never
+ * find a stash entry: a zero here, an array lookup the verifier inlines, spares them the
+ * hash lookup. A count, not the tid, so that threads sharing an index cost a lookup more
+ * and never miss one; a count left too high (an entry overwritten) costs the same. */
+#define EDR_STASH_HINTS 65536
+BPF_ARRAY(file_stash_hint, __u32, EDR_STASH_HINTS);
 
 struct edr_watch_key {
     __u32 tgid;
@@ -151,9 +158,23 @@ static __always_inline int edr_file_stash(struct edr_file_event *e)
 {
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
 
-    if (file_stash.update(&tid, e))
+    if (file_stash.update(&tid, e)) {
         edr_count_drop(EDR_EV_FILE);
+        return 0;
+    }
+    __u32 slot = tid & (EDR_STASH_HINTS - 1);
+    __u32 *hint = file_stash_hint.lookup(&slot);
+    if (hint)
+        lock_xadd(hint, 1);
     return 0;
+}
+
+/* The stash entry is consumed: delete it, then lower its hint. */
+static __always_inline void edr_file_unstash(__u32 tid, __u32 *hint)
+{
+    file_stash.delete(&tid);
+    if (hint)
+        lock_xadd(hint, -1);
 }
 
 /* Read the path and drop the operation when it is under an excluded prefix. */
@@ -403,8 +424,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_lchown)
 static __always_inline int edr_file_exit(long ret)
 {
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
-    struct edr_file_event *e = file_stash.lookup(&tid);
+    __u32 slot = tid & (EDR_STASH_HINTS - 1);
+    __u32 *hint = file_stash_hint.lookup(&slot);
 
+    if (hint && !*hint)
+        return 0;
+    struct edr_file_event *e = file_stash.lookup(&tid);
     if (!e)
         return 0;
     int report;
@@ -413,7 +438,7 @@ static __always_inline int edr_file_exit(long ret)
     else
         report = ret == 0 || ret == -EDR_EACCES || ret == -EDR_EPERM;
     if (!report) {
-        file_stash.delete(&tid);
+        edr_file_unstash(tid, hint);
         return 0;
     }
     edr_header_fill(&e->h, EDR_EV_FILE);
@@ -438,7 +463,7 @@ static __always_inline int edr_file_exit(long ret)
     }
     if (e->emit)
         edr_submit(e, sizeof(*e), EDR_EV_FILE);
-    file_stash.delete(&tid);
+    edr_file_unstash(tid, hint);
     return 0;
 }
 

@@ -145,6 +145,39 @@ def test_file_operations_with_relative_paths(sensor, tmp_path: Path) -> None:
     )
 
 
+def test_the_stash_hints_count_the_stash(sensor, tmp_path: Path) -> None:
+    """file_stash_hint (file.bpf.c) must come back to the number of stashed operations: a
+    hint left high only costs lookups, but one left low would skip an exit's event."""
+    pid, _ = run_child(
+        """
+        import json, os, threading
+        def work(n):
+            for i in range(50):
+                with open(f"f{n}-{i}", "w") as f:
+                    f.write("x")
+                os.rename(f"f{n}-{i}", f"g{n}-{i}")
+                os.unlink(f"g{n}-{i}")
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        print(json.dumps({}))
+        """,
+        cwd=tmp_path,
+    )
+    deletes = sensor.wait_for(_action(pid, "delete"), count=200)
+    assert len(deletes) == 200
+    assert sensor.wait_for(_action(pid, "exit"))
+    bpf = sensor.source._bpf
+    seen = []
+    for _ in range(20):  # other processes' operations may be in flight at one reading
+        hints = sum(v.value for v in bpf[b"file_stash_hint"].values())
+        seen.append((hints, len(bpf[b"file_stash"].items())))
+        if seen[-1][0] == seen[-1][1]:
+            break
+        time.sleep(0.1)
+    assert seen[-1][0] == seen[-1][1], seen
+
+
 def test_first_write_per_open(sensor, tmp_path: Path) -> None:
     existing = tmp_path / "existing.txt"
     existing.write_text("before")  # by the test process: ignored by the sensor
