@@ -1,8 +1,8 @@
 /* process.bpf.c: fork, exec, exit and working-directory changes (included by edr.bpf.c).
  *
  * Hooks: sched:sched_process_fork/exec/exit, syscalls:sys_enter_clone/clone3 (to tell threads
- * from processes), sys_enter/exit_execve(at) (argv), sys_enter_exit(_group) and
- * signal:signal_deliver (exit status), sys_enter/exit_(f)chdir.
+ * from processes), sys_enter/exit_(f)chdir; without BTF also sys_enter/exit_execve(at)
+ * (argv), sys_enter_exit(_group) and signal:signal_deliver (exit status), see below.
  * cgroup:cgroup_attach_task (container changes: a child inherits its parent's cgroups, so
  * user space needs to hear only about moves and clone3(CLONE_INTO_CGROUP)).
  * Emits: EDR_EV_FORK, EDR_EV_EXEC, EDR_EV_EXIT, EDR_EV_CHDIR, EDR_EV_CGROUP.
