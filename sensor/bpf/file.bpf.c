@@ -69,7 +69,7 @@ BPF_LPM_TRIE(exclude_prefixes, struct edr_path_key, __u8, 256);
 BPF_LPM_TRIE(sensitive_prefixes, struct edr_path_key, __u8, 256);
 /* Bytes 1 and 2 of every sensitive prefix (all 256 second bytes for a two-byte prefix, every
  * entry for "/"), as (b1 << 8 | b2): an array lookup, which the verifier inlines, rules out
- * most read-only opens before the trie walk and before the full path is read. */
+ * most read-only opens before their path is read. */
 BPF_ARRAY(sensitive_heads, __u8, 65536);
 BPF_TABLE("lru_hash", struct edr_dedup_key, __u64, open_dedup, 16384);
 BPF_PERCPU_ARRAY(file_scratch, struct edr_file_event, 1);
@@ -187,38 +187,22 @@ static __always_inline int edr_file_path(struct edr_file_event *e, const char *u
     return 0;
 }
 
-/* A read-only open that cannot be under a sensitive prefix, decided from at most the path's
- * first EDR_PREFIX_LEN bytes: most opens (a dynamic loader's, a locale's) end here, before the
- * full path is read or the event scratch is touched. Never true for a path that could match:
- * a path too long for the short read skips the trie and goes the whole way. */
+/* A read-only open that cannot be under a sensitive prefix, told from the path's first three
+ * bytes: most opens (a dynamic loader's, a locale's) end here, before the full path is read
+ * or the event scratch is touched. The rest go the whole way (full read, trie). A byte after
+ * a one-character path's NUL is garbage, which only the prefix "/" accepts, and it accepts
+ * every index; a read that faults (say at the end of a page) rules nothing out. */
 static __always_inline int edr_read_only_not_sensitive(const char *upath)
 {
-    __u32 zero = 0;
     __u8 b[3];
 
-    /* Three bytes first (a byte after a one-character path's NUL is garbage, which only the
-     * prefix "/" accepts, and it accepts every index). A read that faults, say at the end of
-     * a page, decides nothing: the string read below goes byte by byte. */
-    if (!bpf_probe_read_user(b, sizeof(b), upath)) {
-        if (b[0] != '/')
-            return 1; /* relative: the tries hold absolute prefixes only */
-        __u32 head = ((__u32)b[1] << 8) | b[2];
-        __u8 *hit = sensitive_heads.lookup(&head);
-        if (!hit || !*hit)
-            return 1;
-    }
-    struct edr_path_key *k = path_key_scratch.lookup(&zero);
-    if (!k)
+    if (bpf_probe_read_user(b, sizeof(b), upath))
         return 0;
-    long n = bpf_probe_read_user_str(k->data, sizeof(k->data), upath);
-    if (n < 0)
-        return 1; /* unreadable: the full read would fail as well */
-    if (k->data[0] != '/')
-        return 1;
-    if (n >= EDR_PREFIX_LEN)
-        return 0; /* the short read cut the path: let the full read decide */
-    k->prefixlen = EDR_PREFIX_LEN * 8;
-    return sensitive_prefixes.lookup(k) == NULL;
+    if (b[0] != '/')
+        return 1; /* relative: the tries hold absolute prefixes only */
+    __u32 head = ((__u32)b[1] << 8) | b[2];
+    __u8 *hit = sensitive_heads.lookup(&head);
+    return !hit || !*hit;
 }
 
 static __always_inline int edr_open_enter(int dfd, const char *upath, __u64 flags, __u32 mode)
