@@ -703,13 +703,30 @@ static PyObject *resolve_links(Hot *self, PyObject *path)
     return PyObject_CallOneArg(self->realpath, path);
 }
 
+/* ev[outer][key] = value, consuming value (which may be NULL after a failed call). */
+static int set_nested(PyObject *ev, PyObject *outer, PyObject *key, PyObject *value)
+{
+    PyObject *inner = value ? PyDict_GetItemWithError(ev, outer) : NULL;
+    if (value != NULL && inner == NULL && !PyErr_Occurred())
+        PyErr_SetObject(PyExc_KeyError, outer);
+    int rc = inner == NULL ? -1 : PyObject_SetItem(inner, key, value);
+    Py_XDECREF(value);
+    return rc;
+}
+
+/* _check_size: a record shorter than its type's layout is a decode error. */
+static int too_short(Hot *self, const char *what, Py_ssize_t len, Py_ssize_t need)
+{
+    if (len >= need)
+        return 0;
+    decode_error(self, "%s record is %zd bytes, expected at least %zd", what, len, need);
+    return 1;
+}
+
 static int rec_fork(Hot *self, const char *raw, Py_ssize_t len)
 {
-    if (len < (Py_ssize_t)sizeof(struct edr_fork_event)) {
-        decode_error(self, "fork record is %zd bytes, expected at least %zu", len,
-                     sizeof(struct edr_fork_event));
+    if (too_short(self, "fork", len, sizeof(struct edr_fork_event)))
         return -1;
-    }
     const char *b = raw;
     uint32_t ppid_v = rd32(b + offsetof(struct edr_fork_event, ppid));
     uint32_t pid_v = rd32(b + offsetof(struct edr_fork_event, child_pid));
@@ -851,10 +868,8 @@ static PyObject *split_args(const char *buf, size_t size, uint32_t count)
 static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
 {
     const Py_ssize_t fixed = offsetof(struct edr_exec_event, args);
-    if (len < fixed) {
-        decode_error(self, "exec record is %zd bytes, expected at least %zd", len, fixed);
+    if (too_short(self, "exec", len, fixed))
         return -1;
-    }
     const char *b = raw;
     uint32_t pid_v = rd32(b + offsetof(struct edr_header, pid));
     uint32_t uid_v = rd32(b + offsetof(struct edr_header, uid));
@@ -871,11 +886,8 @@ static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
                      size);
         return -1;
     }
-    if (len < fixed + (Py_ssize_t)size) {
-        decode_error(self, "exec record is %zd bytes, expected at least %zd", len,
-                     fixed + (Py_ssize_t)size);
+    if (too_short(self, "exec", len, fixed + (Py_ssize_t)size))
         return -1;
-    }
     PyObject *args = NULL, *comm = NULL, *filename = NULL, *pid = NULL, *uid = NULL, *gid = NULL;
     PyObject *loginuid = NULL, *exe = NULL, *info = NULL, *tmp = NULL, *argv = NULL;
     int rc = -1, locked = 0, t;
@@ -1038,19 +1050,12 @@ static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
         PyObject *ev = make_event(self, A_EXEC, info, ktime);
         if (ev == NULL)
             goto out;
-        if (old_pid != pid_v) { /* exec from a non-leader thread */
-            PyObject *p = PyDict_GetItemWithError(ev, s_process), *th = NULL, *old = NULL;
-            int bad = p == NULL || (th = PyDict_New()) == NULL ||
-                      (old = PyLong_FromUnsignedLong(old_pid)) == NULL ||
-                      PyDict_SetItem(th, s_id, old) < 0 || PyObject_SetItem(p, s_thread, th) < 0;
-            Py_XDECREF(th);
-            Py_XDECREF(old);
-            if (bad) {
-                if (!PyErr_Occurred())
-                    PyErr_SetObject(PyExc_KeyError, s_process);
-                Py_DECREF(ev);
-                goto out;
-            }
+        /* exec from a non-leader thread: process.thread = {"id": old_pid} */
+        if (old_pid != pid_v &&
+            set_nested(ev, s_process, s_thread,
+                       Py_BuildValue("{OI}", s_id, (unsigned int)old_pid)) < 0) {
+            Py_DECREF(ev);
+            goto out;
         }
         if (emit(self, ev) < 0)
             goto out;
@@ -1075,11 +1080,8 @@ out:
 
 static int rec_exit(Hot *self, const char *raw, Py_ssize_t len)
 {
-    if (len < (Py_ssize_t)sizeof(struct edr_exit_event)) {
-        decode_error(self, "exit record is %zd bytes, expected at least %zu", len,
-                     sizeof(struct edr_exit_event));
+    if (too_short(self, "exit", len, sizeof(struct edr_exit_event)))
         return -1;
-    }
     const char *b = raw;
     uint32_t pid_v = rd32(b + offsetof(struct edr_header, pid));
     uint64_t ktime = rd64(b + offsetof(struct edr_header, ktime_ns));
@@ -1137,15 +1139,10 @@ static int rec_exit(Hot *self, const char *raw, Py_ssize_t len)
         PyObject *ev = make_event(self, A_EXIT, info, ktime);
         if (ev == NULL)
             goto out;
-        if (signal) {
-            PyObject *edr = PyDict_GetItemWithError(ev, s_edr);
-            PyObject *sig = PyLong_FromLongLong(signal);
-            int bad = edr == NULL || sig == NULL || PyObject_SetItem(edr, s_exit_signal, sig) < 0;
-            Py_XDECREF(sig);
-            if (bad) {
-                Py_DECREF(ev);
-                goto out;
-            }
+        if (signal &&
+            set_nested(ev, s_edr, s_exit_signal, PyLong_FromLongLong(signal)) < 0) {
+            Py_DECREF(ev);
+            goto out;
         }
         if (emit(self, ev) < 0)
             goto out;
