@@ -1,13 +1,13 @@
 /* process.bpf.c: fork, exec, exit and working-directory changes (included by edr.bpf.c).
  *
- * Hooks: sched:sched_process_fork/exec/exit, syscalls:sys_enter_clone/clone3 (to tell threads
- * from processes), sys_enter/exit_(f)chdir; without BTF also sys_enter/exit_execve(at)
- * (argv), sys_enter_exit(_group) and signal:signal_deliver (exit status), see below.
- * cgroup:cgroup_attach_task (container changes: a child inherits its parent's cgroups, so
+ * Hooks: task:task_newtask (fork: it carries the clone flags, which tell threads from
+ * processes), sched:sched_process_exec/exit, sys_enter/exit_(f)chdir; without BTF also
+ * sys_enter/exit_execve(at) (argv), sys_enter_exit(_group) and signal:signal_deliver (exit
+ * status), see below. cgroup:cgroup_attach_task (container changes: a child inherits its parent's cgroups, so
  * user space needs to hear only about moves and clone3(CLONE_INTO_CGROUP)).
  * Emits: EDR_EV_FORK, EDR_EV_EXEC, EDR_EV_EXIT, EDR_EV_CHDIR, EDR_EV_CGROUP.
  * Caveats: argv is bounded (EDR_ARGS_MAX_COUNT strings, EDR_ARGS_MAX_BYTES bytes; beyond that
- * the truncation flag is set). The child's start time is taken at the fork tracepoint, a few
+ * the truncation flag is set). The child's start time is taken at task_newtask, a few
  * microseconds after the kernel's own stamp, so it can differ from /proc's by one tick.
  * Exits are reported once per process (group_dead), not per thread.
  * Task fields are read at offsets the loader takes from the running kernel's BTF
@@ -46,7 +46,6 @@ BPF_PERCPU_ARRAY(exec_scratch, struct edr_exec_event, 1);
 #ifndef EDR_ARGS_FROM_MM
 BPF_HASH(exec_stash, __u32, struct edr_exec_event, EDR_EXEC_STASH_ENTRIES);
 #endif
-BPF_HASH(clone_flags, __u32, __u64, EDR_STASH_ENTRIES);
 #ifndef EDR_TASK_EXIT_CODE_OFF
 BPF_HASH(exit_state, __u32, struct edr_exit_state, EDR_STASH_ENTRIES);
 #endif
@@ -56,45 +55,22 @@ BPF_PERCPU_ARRAY(cgroup_scratch, struct edr_cgroup_event, 1);
 
 /* -- fork ------------------------------------------------------------------------------- */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_clone)
+/* task:task_newtask fires in copy_process for every new task, in the parent, with the clone
+ * flags: threads are told from processes here, without a program on clone(2) and clone3(2)
+ * and a map to carry their flags to sched_process_fork. */
+TRACEPOINT_PROBE(task, task_newtask)
 {
-    __u32 tid = (__u32)bpf_get_current_pid_tgid();
     __u64 flags = args->clone_flags;
 
-    clone_flags.update(&tid, &flags);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_clone3)
-{
-    __u32 tid = (__u32)bpf_get_current_pid_tgid();
-    __u64 flags = 0;
-
-    /* flags is the first member of the user's struct clone_args (a stable uapi layout) */
-    if (bpf_probe_read_user(&flags, sizeof(flags), args->uargs))
+    if (flags & EDR_CLONE_THREAD)
         return 0;
-    clone_flags.update(&tid, &flags);
-    return 0;
-}
-
-TRACEPOINT_PROBE(sched, sched_process_fork)
-{
-    __u32 tid = (__u32)bpf_get_current_pid_tgid();
-    __u64 *flags = clone_flags.lookup(&tid);
-
     struct edr_fork_event ev = {};
-    if (flags) {
-        int thread = (*flags & EDR_CLONE_THREAD) != 0;
-        if (*flags & EDR_CLONE_INTO_CGROUP)
-            ev.flags |= EDR_FORK_INTO_CGROUP;
-        clone_flags.delete(&tid);
-        if (thread)
-            return 0;
-    }
+    if (flags & EDR_CLONE_INTO_CGROUP)
+        ev.flags |= EDR_FORK_INTO_CGROUP;
     edr_header_fill(&ev.h, EDR_EV_FORK);
     /* the parent process is the caller's tgid, whichever of its threads forked */
     ev.ppid = ev.h.pid;
-    ev.child_pid = args->child_pid;
+    ev.child_pid = args->pid;
     ev.child_start_ticks = ev.h.ktime_ns / EDR_NS_PER_TICK;
     edr_submit(&ev, sizeof(ev), EDR_EV_FORK);
     return 0;
@@ -339,10 +315,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     __u32 tid = (__u32)id;
     __u32 tgid = id >> 32;
 
-    /* A lockless lookup first: the entries are almost never there at exit (their syscalls'
-     * exits removed them), and a delete takes the bucket lock either way. */
-    if (clone_flags.lookup(&tid))
-        clone_flags.delete(&tid);
+    /* A lockless lookup first: the entry is almost never there at exit (the syscall's exit
+     * removed it), and a delete takes the bucket lock either way. */
     if (chdir_stash.lookup(&tid))
         chdir_stash.delete(&tid);
 #ifdef EDR_HAVE_GROUP_DEAD
