@@ -250,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeded = table.seed_from_proc()
     pipeline = EventPipeline(
         sink, table, hasher=ExecutableHasher(config.hash_max_bytes), maxsize=config.queue_size,
-        inspect=enforcer.inspect if enforcer else None,
+        inspector=enforcer,
     )  # fmt: skip
     ctx = CaptureContext(
         host=host,

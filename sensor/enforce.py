@@ -100,6 +100,11 @@ class Enforcer:
             )
             self._hold = bool(hold.get("enabled")) and bool(hold.get("patterns"))
             self._patterns = list(hold.get("patterns", []))
+            # what inspect can act on under this policy; the pipeline passes only these
+            self.actions = frozenset(
+                ([Action.EXEC] if self._hold else [])
+                + ([Action.FILE_CREATE, Action.FILE_WRITE] if self._quarantine else [])
+            )
 
     def inspect(self, event: Event) -> list[Event]:
         """The events describing what was done about ``event`` (usually none)."""

@@ -12,7 +12,6 @@ import json
 import queue
 import threading
 from collections import Counter
-from collections.abc import Callable
 from typing import IO, Any, Protocol
 
 import orjson
@@ -27,6 +26,14 @@ _STOP = object()
 class Sink(Protocol):
     def write(self, events: list[Event]) -> None: ...
     def close(self) -> None: ...
+
+
+class Inspector(Protocol):
+    """Local policy (sensor/enforce.py): the events it caused, for the actions it names."""
+
+    actions: frozenset[str]
+
+    def inspect(self, event: Event) -> list[Event]: ...
 
 
 class NdjsonSink:
@@ -84,14 +91,14 @@ class EventPipeline:
         table: ProcessTable,
         *,
         hasher: ExecutableHasher | None = None,
-        inspect: Callable[[Event], list[Event]] | None = None,
+        inspector: Inspector | None = None,
         maxsize: int = 65536,
         batch: int = 512,
     ) -> None:
         self._sink = sink
         self._table = table
         self._hasher = hasher or ExecutableHasher()
-        self._inspect = inspect  # local policy (sensor/enforce.py): may add events it caused
+        self._inspector = inspector
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
         self._batch = batch
         self._thread = threading.Thread(target=self._run, name="edr-writer", daemon=True)
@@ -193,13 +200,18 @@ class EventPipeline:
                     break
             by_action = self.by_action
             seen: dict[str, str | None] = {}
+            inspector = self._inspector
+            # Only the actions the policy can act on reach it: no call per event otherwise.
+            wanted = inspector.actions if inspector is not None else frozenset()
+            caused: list[Event] = []
             for ev in batch:
                 action = ev["event"]["action"]
                 if action == Action.EXEC:
                     self._enrich(ev, seen)
                 by_action[action] += 1
-            if self._inspect is not None:
-                batch.extend([out for ev in list(batch) for out in self._inspect(ev)])
+                if inspector is not None and action in wanted:
+                    caused.extend(inspector.inspect(ev))
+            batch.extend(caused)
             if batch:
                 try:
                     self._sink.write(batch)

@@ -90,3 +90,17 @@ def test_hold_refuses_protected_and_reports_failure(responder: Responder) -> Non
     ev["process"] = {"pid": 1, "executable": "/sbin/init", "command_line": "/sbin/init"}
     (report,) = Enforcer(responder, HOST, (1, doc)).inspect(ev)
     assert report["event"]["outcome"] == "failure" and "pid 1" in report["edr"]["response"]["error"]
+
+
+def test_the_actions_named_follow_the_policy(responder: Responder) -> None:
+    enforcer = Enforcer(responder, HOST)
+    assert enforcer.actions == frozenset()  # no policy: the pipeline calls nothing
+    hold = {"hold_suspicious_exec": {"enabled": True, "patterns": ["*miner*"]}}
+    enforcer.set_policy(2, {"responses": hold})
+    assert enforcer.actions == {Action.EXEC}
+    enforcer.set_policy(3, policy(["ab" * 32]))
+    assert enforcer.actions == {Action.FILE_CREATE, Action.FILE_WRITE}
+    enforcer.set_policy(4, policy(["ab" * 32], quarantine=False))
+    assert enforcer.actions == frozenset()
+    enforcer.set_policy(5, {"responses": {"hold_suspicious_exec": {"enabled": True}}})
+    assert enforcer.actions == frozenset()  # enabled without patterns holds nothing

@@ -261,3 +261,39 @@ def test_hasher_cache_hit_does_not_open_and_notices_a_replaced_file(
     os.replace(fresh, binary)
     assert hasher.sha256(str(binary)) == hashlib.sha256(b"two").hexdigest()
     assert hasher.misses == 2
+
+
+class _Inspector:
+    """Acts on exec events only: a report per exec, and a record of what it was shown."""
+
+    actions = frozenset({Action.EXEC})
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def inspect(self, event: dict) -> list[dict]:
+        self.seen.append(event["event"]["action"])
+        report = new_event(Action.HOLD, host={"id": "h"}, tier=Tier.FALLBACK)
+        report["process"] = {"pid": event["process"]["pid"], "hash": event["process"].get("hash")}
+        return [report]
+
+
+def test_the_policy_sees_only_its_actions_after_hashing_and_its_reports_follow(
+    tmp_path: Path,
+) -> None:
+    binary = tmp_path / "tool"
+    binary.write_bytes(b"payload")
+    out = io.StringIO()
+    inspector = _Inspector()
+    pipeline = EventPipeline(NdjsonSink(out), ProcessTable("h"), inspector=inspector)
+    pipeline.start()
+    exit_event = new_event(Action.EXIT, host={"id": "h"}, tier=Tier.FALLBACK)
+    exit_event["process"] = {"pid": 7}
+    pipeline.emit_many([exec_event(str(binary), pid=7), exit_event])
+    pipeline.close()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["event"]["action"] for e in lines] == ["exec", "exit", "hold"]
+    assert inspector.seen == ["exec"]  # the exit never reached it
+    digest = hashlib.sha256(b"payload").hexdigest()
+    assert lines[2]["process"] == {"pid": 7, "hash": {"sha256": digest}}
+    assert pipeline.by_action == {"exec": 1, "exit": 1}  # reports are not counted as captured
