@@ -622,12 +622,9 @@ fail:
     return NULL;
 }
 
-/* Hand an event over: to the pending list, else to ctx.emit. Consumes the reference; a NULL
- * event (its building failed) is passed through as the failure. */
+/* Hand an event over: to the pending list, else to ctx.emit. Consumes the reference. */
 static int emit(Hot *self, PyObject *ev)
 {
-    if (ev == NULL)
-        return -1;
     int rc = 0;
     if (self->pending != NULL) {
         rc = PyList_Append(self->pending, ev);
@@ -703,13 +700,32 @@ static PyObject *resolve_links(Hot *self, PyObject *path)
     return PyObject_CallOneArg(self->realpath, path);
 }
 
-/* ev[outer][key] = value, consuming value (which may be NULL after a failed call). */
-static int set_nested(PyObject *ev, PyObject *outer, PyObject *key, PyObject *value)
+/* Build the action's event for info and hand it over. With outer set, ev[outer][key] = value
+ * first; value is consumed, and NULL there is the failure of the call that made it. */
+static int emit_event(Hot *self, int action, PyObject *info, uint64_t ktime, PyObject *outer,
+                      PyObject *key, PyObject *value)
 {
-    PyObject *inner = value ? PyDict_GetItemWithError(ev, outer) : NULL;
-    if (value != NULL && inner == NULL && !PyErr_Occurred())
-        PyErr_SetObject(PyExc_KeyError, outer);
-    int rc = inner == NULL ? -1 : PyObject_SetItem(inner, key, value);
+    PyObject *ev = NULL;
+    int rc = -1;
+    if (outer != NULL && value == NULL)
+        return -1;
+    ev = make_event(self, action, info, ktime);
+    if (ev == NULL)
+        goto out;
+    if (outer != NULL) {
+        PyObject *inner = PyDict_GetItemWithError(ev, outer);
+        if (inner == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetObject(PyExc_KeyError, outer);
+            goto out;
+        }
+        if (PyObject_SetItem(inner, key, value) < 0)
+            goto out;
+    }
+    rc = emit(self, ev); /* consumes ev */
+    ev = NULL;
+out:
+    Py_XDECREF(ev);
     Py_XDECREF(value);
     return rc;
 }
@@ -791,10 +807,9 @@ static int rec_fork(Hot *self, const char *raw, Py_ssize_t len)
             goto out;
         Py_DECREF(r);
     }
-    if (self->emit_forks && self->process) {
-        if (emit(self, make_event(self, A_FORK, child, ktime)) < 0)
-            goto out;
-    }
+    if (self->emit_forks && self->process &&
+        emit_event(self, A_FORK, child, ktime, NULL, NULL, NULL) < 0)
+        goto out;
     rc = 0;
 out:
     if (locked)
@@ -1046,20 +1061,12 @@ static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
 
     if (forget_writes(self, pid, 1) < 0)
         goto out;
-    if (self->process) {
-        PyObject *ev = make_event(self, A_EXEC, info, ktime);
-        if (ev == NULL)
-            goto out;
-        /* exec from a non-leader thread: process.thread = {"id": old_pid} */
-        if (old_pid != pid_v &&
-            set_nested(ev, s_process, s_thread,
-                       Py_BuildValue("{OI}", s_id, (unsigned int)old_pid)) < 0) {
-            Py_DECREF(ev);
-            goto out;
-        }
-        if (emit(self, ev) < 0)
-            goto out;
-    }
+    /* exec from a non-leader thread: process.thread = {"id": old_pid} */
+    int thread = old_pid != pid_v;
+    if (self->process &&
+        emit_event(self, A_EXEC, info, ktime, thread ? s_process : NULL, s_thread,
+                   thread ? Py_BuildValue("{OI}", s_id, (unsigned int)old_pid) : NULL) < 0)
+        goto out;
     rc = 0;
 out:
     if (locked)
@@ -1135,18 +1142,10 @@ static int rec_exit(Hot *self, const char *raw, Py_ssize_t len)
         goto out;
     if (forget_writes(self, pid, 0) < 0)
         goto out;
-    if (self->process) {
-        PyObject *ev = make_event(self, A_EXIT, info, ktime);
-        if (ev == NULL)
-            goto out;
-        if (signal &&
-            set_nested(ev, s_edr, s_exit_signal, PyLong_FromLongLong(signal)) < 0) {
-            Py_DECREF(ev);
-            goto out;
-        }
-        if (emit(self, ev) < 0)
-            goto out;
-    }
+    if (self->process &&
+        emit_event(self, A_EXIT, info, ktime, signal ? s_edr : NULL, s_exit_signal,
+                   signal ? PyLong_FromLongLong(signal) : NULL) < 0)
+        goto out;
     rc = 0;
 out:
     if (locked)
