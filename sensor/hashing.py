@@ -29,18 +29,16 @@ class ExecutableHasher:
         self.misses = 0
         self.skipped = 0
 
-    def sha256(self, path: str, pid: int | None = None) -> str | None:
-        """Hash of ``path``; falls back to /proc/<pid>/exe when the path is gone or replaced."""
+    def sha256(self, path: str) -> str | None:
+        """Hash of the regular file at ``path``; None when it is gone, not regular or too big.
+
+        The caller picks the path: the pipeline tries the executable's path, then the
+        process's /proc/<pid>/exe (sensor/pipeline.py, ``_enrich``).
+        """
         try:
-            digest = self._hash(path)
+            return self._hash(path)
         except OSError:
-            digest = None
-        if digest is None and pid:
-            try:
-                digest = self._hash(f"/proc/{pid}/exe")
-            except OSError:
-                return None
-        return digest
+            return None
 
     def _hash(self, path: str) -> str | None:
         # A cache hit costs one stat(): the identity key comes from the path, no open().

@@ -75,7 +75,7 @@ def main() -> int:
             for batch in batches:
                 for ev in batch:
                     if ev["event"]["action"] == "exec":
-                        hasher.sha256(ev["process"].get("executable", ""), None)
+                        hasher.sha256(ev["process"].get("executable", ""))
                 sink.write(batch)
             t3 = time.thread_time_ns()
         events = sum(len(b) for b in batches)
