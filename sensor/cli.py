@@ -195,8 +195,9 @@ def cmd_dump_bpf(args: argparse.Namespace) -> int:
 
 # The capture path makes a few dozen short-lived containers per event and no reference cycles.
 # With the collector's default young-generation threshold (700 allocations) its passes cost
-# about 2 us per spawn of an exec storm (measured with /tmp/hb/cost.sh, 15.6/16.4 -> 13.7/14.4
-# us/spawn); cycles, where there are any, are still collected, less often.
+# about 2 us per spawn of an exec storm (the sensor's per-thread CPU around a two-worker
+# storm, bench/README.md: 15.6/16.4 -> 13.7/14.4 us/spawn); cycles, where there are any, are
+# still collected, less often.
 GC_YOUNG_THRESHOLD = 20_000
 
 

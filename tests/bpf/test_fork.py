@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -70,6 +69,8 @@ def test_threads_are_not_forks_and_a_threads_fork_is_the_processs(sensor: Runnin
     assert child_fork["process"]["parent"]["pid"] == os.getpid()
     (kid_fork,) = sensor.wait_for(fork_of(kid))
     assert kid_fork["process"]["parent"]["pid"] == pid  # the process, not the thread's id
-    time.sleep(0.3)  # a fork record for a thread would have arrived by now
+    # One ring keeps the order of submission: once the child's exit is in, every record its
+    # threads' creation made is in too.
+    assert sensor.wait_for(lambda e: e["event"]["action"] == "exit" and e["process"]["pid"] == pid)
     assert [e for e in sensor.events if e["event"]["action"] == "fork"
             and e["process"]["pid"] in tids] == []  # fmt: skip
