@@ -73,6 +73,13 @@ typedef struct {
     PyObject *tier;         /* str */
     PyObject *schema;       /* int */
     PyObject *skel[A_COUNT][3]; /* category list, type list, action str */
+    PyObject *event_tpl[A_COUNT]; /* the action's "event" dict, copied per event */
+    PyObject *edr_tpl;      /* {"tier", "schema"}, copied per event */
+    /* Sub-dicts shared by the fragments of many processes, as the fragment's own sub-dicts
+     * already are by the events of one process: nothing downstream mutates them. */
+    PyObject *user_cache;   /* uid -> (name, loginuid, user dict) */
+    PyObject *group_cache;  /* gid -> group dict */
+    PyObject *parent_cache; /* ppid -> (entity_id, executable, args, comm, parent dict) */
     PyObject *by_tag;       /* dict int -> Python handler */
     PyObject *decode_error; /* DecodeError class */
     PyObject *unknown;      /* UNKNOWN */
@@ -370,6 +377,163 @@ static PyObject *id_dict(PyObject *value)
     return d;
 }
 
+/* A shared sub-dict cache starts over when it reaches this many entries. */
+#define SHARED_CACHE_MAX 4096
+
+static int cache_put(PyObject *cache, PyObject *key, PyObject *value)
+{
+    if (PyDict_GET_SIZE(cache) >= SHARED_CACHE_MAX)
+        PyDict_Clear(cache);
+    return PyDict_SetItem(cache, key, value);
+}
+
+/* process.start: boot_epoch_ns + start_ticks * 1_000_000_000 // CLK_TCK (new reference);
+ * in C integers when the ticks fit, else in Python integers. */
+static PyObject *start_time(Hot *self, PyObject *ticks)
+{
+    if (PyLong_CheckExact(ticks)) {
+        int overflow = 0;
+        long long t = PyLong_AsLongLongAndOverflow(ticks, &overflow);
+        if (t == -1 && PyErr_Occurred())
+            return NULL;
+        if (!overflow && t >= 0)
+            return iso_timestamp(self, (__int128)self->boot_epoch_ns +
+                                           (__int128)t * 1000000000 / self->clk_tck);
+    }
+    PyObject *giga = PyLong_FromLong(1000000000L), *tck = PyLong_FromLong(self->clk_tck);
+    PyObject *a = giga ? PyNumber_Multiply(ticks, giga) : NULL;
+    PyObject *b = a && tck ? PyNumber_FloorDivide(a, tck) : NULL;
+    PyObject *ns = b ? PyNumber_Add(self->boot_epoch, b) : NULL;
+    Py_XDECREF(giga);
+    Py_XDECREF(tck);
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    if (ns == NULL)
+        return NULL;
+    PyObject *ts = iso_timestamp_obj(self, ns);
+    Py_DECREF(ns);
+    return ts;
+}
+
+/* process.parent (new reference): one dict per parent state, shared by its children's
+ * fragments; an exec storm's children all have the same parent. */
+static PyObject *parent_fields(Hot *self, PyObject *ppid, PyObject *parent)
+{
+    PyObject *pfields = NULL, *v;
+    PyObject *state[4] = {NULL, NULL, NULL, NULL};
+    int t;
+    if (parent != NULL) {
+        state[0] = SLOT(parent, F_ENTITY_ID);
+        state[1] = SLOT(parent, F_EXECUTABLE);
+        state[2] = SLOT(parent, F_ARGS);
+        state[3] = SLOT(parent, F_COMM);
+        PyObject *hit = PyDict_GetItemWithError(self->parent_cache, ppid);
+        if (hit == NULL && PyErr_Occurred())
+            return NULL;
+        if (hit != NULL && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 5) {
+            Py_INCREF(hit);
+            int same = 1;
+            for (int i = 0; i < 4 && same == 1; i++)
+                same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, i), state[i], Py_EQ);
+            if (same == 1)
+                pfields = Py_NewRef(PyTuple_GET_ITEM(hit, 4));
+            Py_DECREF(hit);
+            if (same < 0)
+                return NULL;
+            if (pfields != NULL)
+                return pfields;
+        }
+    }
+    pfields = PyDict_New();
+    if (pfields == NULL || PyDict_SetItem(pfields, s_pid, ppid) < 0)
+        goto fail;
+    if (parent == NULL)
+        return pfields;
+    if (PyDict_SetItem(pfields, s_entity_id, state[0]) < 0 ||
+        set_str(pfields, s_name, info_name(self, parent)) < 0)
+        goto fail;
+    v = state[1];
+    t = PyObject_IsTrue(v);
+    if (t < 0 || (t && PyDict_SetItem(pfields, s_executable, v) < 0))
+        goto fail;
+    v = state[2];
+    t = PyObject_IsTrue(v);
+    if (t < 0 || (t && set_str(pfields, s_command_line, PyUnicode_Join(s_space, v)) < 0))
+        goto fail;
+    PyObject *entry = PyTuple_Pack(5, state[0], state[1], state[2], state[3], pfields);
+    if (entry == NULL || cache_put(self->parent_cache, ppid, entry) < 0) {
+        Py_XDECREF(entry);
+        goto fail;
+    }
+    Py_DECREF(entry);
+    return pfields;
+fail:
+    Py_XDECREF(pfields);
+    return NULL;
+}
+
+/* user (new reference): {"id", "name"?, "audit"?}, one dict per (uid, name, login uid). */
+static PyObject *user_fields(Hot *self, PyObject *uid, PyObject *loginuid)
+{
+    PyObject *user = NULL, *name = PyDict_GetItemWithError(self->user_names, uid);
+    if (name != NULL) {
+        Py_INCREF(name);
+    } else if (PyErr_Occurred()) {
+        return NULL;
+    } else {
+        name = PyObject_CallOneArg(self->user_name, uid);
+        if (name == NULL)
+            return NULL;
+    }
+    PyObject *hit = PyDict_GetItemWithError(self->user_cache, uid);
+    if (hit == NULL && PyErr_Occurred())
+        goto out;
+    if (hit != NULL && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 3) {
+        Py_INCREF(hit);
+        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, 0), name, Py_EQ);
+        if (same == 1)
+            same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, 1), loginuid, Py_EQ);
+        if (same == 1)
+            user = Py_NewRef(PyTuple_GET_ITEM(hit, 2));
+        Py_DECREF(hit);
+        if (same != 0)
+            goto out; /* a hit, or an error */
+    }
+    user = id_dict(uid);
+    if (user == NULL)
+        goto out;
+    int t = PyObject_IsTrue(name);
+    if (t < 0 || (t && PyDict_SetItem(user, s_name, name) < 0) ||
+        (loginuid != Py_None && set_str(user, s_audit, id_dict(loginuid)) < 0))
+        goto fail;
+    PyObject *entry = PyTuple_Pack(3, name, loginuid, user);
+    if (entry == NULL || cache_put(self->user_cache, uid, entry) < 0) {
+        Py_XDECREF(entry);
+        goto fail;
+    }
+    Py_DECREF(entry);
+out:
+    Py_DECREF(name);
+    return user;
+fail:
+    Py_CLEAR(user);
+    goto out;
+}
+
+/* group (new reference): {"id": str(gid)}, one dict per gid. */
+static PyObject *group_fields(Hot *self, PyObject *gid)
+{
+    PyObject *group = PyDict_GetItemWithError(self->group_cache, gid);
+    if (group != NULL)
+        return Py_NewRef(group);
+    if (PyErr_Occurred())
+        return NULL;
+    group = id_dict(gid);
+    if (group != NULL && cache_put(self->group_cache, gid, group) < 0)
+        Py_CLEAR(group);
+    return group;
+}
+
 /* ProcessTable._build_ecs */
 static PyObject *build_ecs(Hot *self, PyObject *info, PyObject *parent)
 {
@@ -407,40 +571,10 @@ static PyObject *build_ecs(Hot *self, PyObject *info, PyObject *parent)
     t = PyObject_IsTrue(v);
     if (t < 0)
         goto fail;
-    if (t) {
-        /* boot_epoch_ns + start_ticks * 1_000_000_000 // CLK_TCK, in Python integers */
-        PyObject *giga = PyLong_FromLong(1000000000L), *tck = PyLong_FromLong(self->clk_tck);
-        PyObject *a = giga ? PyNumber_Multiply(v, giga) : NULL;
-        PyObject *b = a && tck ? PyNumber_FloorDivide(a, tck) : NULL;
-        PyObject *ns = b ? PyNumber_Add(self->boot_epoch, b) : NULL;
-        Py_XDECREF(giga);
-        Py_XDECREF(tck);
-        Py_XDECREF(a);
-        Py_XDECREF(b);
-        if (ns == NULL)
-            goto fail;
-        PyObject *ts = iso_timestamp_obj(self, ns);
-        Py_DECREF(ns);
-        if (set_str(proc, s_start, ts) < 0)
-            goto fail;
-    }
-    pfields = PyDict_New();
-    if (pfields == NULL || PyDict_SetItem(pfields, s_pid, SLOT(info, F_PPID)) < 0)
+    if (t && set_str(proc, s_start, start_time(self, v)) < 0)
         goto fail;
-    if (parent != NULL) {
-        if (PyDict_SetItem(pfields, s_entity_id, SLOT(parent, F_ENTITY_ID)) < 0 ||
-            set_str(pfields, s_name, info_name(self, parent)) < 0)
-            goto fail;
-        v = SLOT(parent, F_EXECUTABLE);
-        t = PyObject_IsTrue(v);
-        if (t < 0 || (t && PyDict_SetItem(pfields, s_executable, v) < 0))
-            goto fail;
-        v = SLOT(parent, F_ARGS);
-        t = PyObject_IsTrue(v);
-        if (t < 0 || (t && set_str(pfields, s_command_line, PyUnicode_Join(s_space, v)) < 0))
-            goto fail;
-    }
-    if (PyDict_SetItem(proc, s_parent, pfields) < 0)
+    pfields = parent_fields(self, SLOT(info, F_PPID), parent);
+    if (pfields == NULL || PyDict_SetItem(proc, s_parent, pfields) < 0)
         goto fail;
     Py_CLEAR(pfields);
     fields = PyDict_New();
@@ -449,34 +583,13 @@ static PyObject *build_ecs(Hot *self, PyObject *info, PyObject *parent)
     Py_CLEAR(proc);
     v = SLOT(info, F_UID);
     if (v != Py_None) {
-        user = id_dict(v);
-        if (user == NULL)
-            goto fail;
-        PyObject *name = PyDict_GetItemWithError(self->user_names, v);
-        if (name != NULL) {
-            Py_INCREF(name);
-        } else if (PyErr_Occurred()) {
-            goto fail;
-        } else {
-            name = PyObject_CallOneArg(self->user_name, v);
-            if (name == NULL)
-                goto fail;
-        }
-        t = PyObject_IsTrue(name);
-        if (t < 0 || (t && PyDict_SetItem(user, s_name, name) < 0)) {
-            Py_DECREF(name);
-            goto fail;
-        }
-        Py_DECREF(name);
-        v = SLOT(info, F_LOGINUID);
-        if (v != Py_None && set_str(user, s_audit, id_dict(v)) < 0)
-            goto fail;
-        if (PyDict_SetItem(fields, s_user, user) < 0)
+        user = user_fields(self, v, SLOT(info, F_LOGINUID));
+        if (user == NULL || PyDict_SetItem(fields, s_user, user) < 0)
             goto fail;
         Py_CLEAR(user);
     }
     v = SLOT(info, F_GID);
-    if (v != Py_None && set_str(fields, s_group, id_dict(v)) < 0)
+    if (v != Py_None && set_str(fields, s_group, group_fields(self, v)) < 0)
         goto fail;
     v = SLOT(info, F_CONTAINER_ID);
     t = PyObject_IsTrue(v);
@@ -500,10 +613,11 @@ fail:
     return NULL;
 }
 
-/* ProcessTable.ecs: the cached fragment, copied where events extend it (new reference). */
-static PyObject *ecs(Hot *self, PyObject *info)
+/* ProcessTable.ecs: the cached fragment (new reference) and, in *proc_out, a copy of its
+ * "process" dict that this event extends (new reference). */
+static PyObject *ecs(Hot *self, PyObject *info, PyObject **proc_out)
 {
-    PyObject *parent = NULL, *key = NULL, *fields = NULL, *proc = NULL;
+    PyObject *parent = NULL, *key = NULL, *frag = NULL, *proc = NULL;
     PyObject *ppid = SLOT(info, F_PPID);
     int t = PyObject_IsTrue(ppid);
     if (t < 0)
@@ -546,22 +660,19 @@ static PyObject *ecs(Hot *self, PyObject *info)
         cached = pair; /* held by the slot */
     }
     Py_CLEAR(key);
-    PyObject *frag = PyTuple_GET_ITEM(cached, 1);
+    frag = Py_NewRef(PyTuple_GET_ITEM(cached, 1));
     if (!PyDict_Check(frag)) {
         PyErr_SetString(PyExc_TypeError, "ProcessInfo.ecs_cache fields are not a dict");
         goto fail;
     }
-    fields = PyDict_Copy(frag);
-    if (fields == NULL)
-        goto fail;
-    PyObject *p = PyDict_GetItemWithError(fields, s_process);
+    PyObject *p = PyDict_GetItemWithError(frag, s_process);
     if (p == NULL) {
         if (!PyErr_Occurred())
             PyErr_SetObject(PyExc_KeyError, s_process);
         goto fail;
     }
     proc = PyDict_Copy(p);
-    if (proc == NULL || PyDict_SetItem(fields, s_process, proc) < 0)
+    if (proc == NULL)
         goto fail;
     PyObject *sha = SLOT(info, F_SHA256);
     t = PyObject_IsTrue(sha);
@@ -579,11 +690,11 @@ static PyObject *ecs(Hot *self, PyObject *info)
     PyObject *code = SLOT(info, F_EXIT_CODE);
     if (code != Py_None && PyDict_SetItem(proc, s_exit_code, code) < 0)
         goto fail;
-    Py_DECREF(proc);
-    return fields;
+    *proc_out = proc;
+    return frag;
 fail:
     Py_XDECREF(key);
-    Py_XDECREF(fields);
+    Py_XDECREF(frag);
     Py_XDECREF(proc);
     return NULL;
 }
@@ -591,34 +702,26 @@ fail:
 /* Source.event: backplane.schema.new_event plus the process fields (new reference). */
 static PyObject *make_event(Hot *self, int action, PyObject *info, uint64_t ktime)
 {
-    PyObject *ev = NULL, *event = NULL, *edr = NULL, *fields = NULL;
+    PyObject *ev = NULL, *frag = NULL, *proc = NULL;
     __int128 epoch_ns = (__int128)self->boot_epoch_ns + (__int128)ktime;
-    event = PyDict_New();
-    if (event == NULL || PyDict_SetItem(event, s_kind, s_event) < 0 ||
-        PyDict_SetItem(event, s_category, self->skel[action][0]) < 0 ||
-        PyDict_SetItem(event, s_type, self->skel[action][1]) < 0 ||
-        PyDict_SetItem(event, s_action, self->skel[action][2]) < 0)
-        goto fail;
     ev = PyDict_New();
     if (ev == NULL || set_str(ev, s_timestamp, iso_timestamp(self, epoch_ns)) < 0 ||
-        PyDict_SetItem(ev, s_event, event) < 0 || PyDict_SetItem(ev, s_host, self->host) < 0)
+        set_str(ev, s_event, PyDict_Copy(self->event_tpl[action])) < 0 ||
+        PyDict_SetItem(ev, s_host, self->host) < 0 ||
+        set_str(ev, s_edr, PyDict_Copy(self->edr_tpl)) < 0)
         goto fail;
-    Py_CLEAR(event);
-    edr = PyDict_New();
-    if (edr == NULL || PyDict_SetItem(edr, s_tier, self->tier) < 0 ||
-        PyDict_SetItem(edr, s_schema, self->schema) < 0 || PyDict_SetItem(ev, s_edr, edr) < 0)
+    /* the fragment's keys in its order, its "process" replaced by this event's copy (a
+     * replaced value keeps its key's place) */
+    frag = ecs(self, info, &proc);
+    if (frag == NULL || PyDict_Update(ev, frag) < 0 || PyDict_SetItem(ev, s_process, proc) < 0)
         goto fail;
-    Py_CLEAR(edr);
-    fields = ecs(self, info);
-    if (fields == NULL || PyDict_Update(ev, fields) < 0)
-        goto fail;
-    Py_DECREF(fields);
+    Py_DECREF(frag);
+    Py_DECREF(proc);
     return ev;
 fail:
     Py_XDECREF(ev);
-    Py_XDECREF(event);
-    Py_XDECREF(edr);
-    Py_XDECREF(fields);
+    Py_XDECREF(frag);
+    Py_XDECREF(proc);
     return NULL;
 }
 
@@ -1303,6 +1406,8 @@ static const struct {
     {NULL, offsetof(Hot, move_to_end)}, {NULL, offsetof(Hot, popitem)},
     {NULL, offsetof(Hot, emit)}, {NULL, offsetof(Hot, pending)},
     {NULL, offsetof(Hot, writes_by_pid)}, {NULL, offsetof(Hot, boot_epoch)},
+    {NULL, offsetof(Hot, edr_tpl)}, {NULL, offsetof(Hot, user_cache)},
+    {NULL, offsetof(Hot, group_cache)}, {NULL, offsetof(Hot, parent_cache)},
 };
 #define MEMBER(self, i) (*(PyObject **)((char *)(self) + MEMBERS[i].off))
 #define N_MEMBERS (sizeof MEMBERS / sizeof MEMBERS[0])
@@ -1439,7 +1544,27 @@ static int Hot_init(Hot *self, PyObject *args, PyObject *kw)
         }
         for (int j = 0; j < 3; j++)
             Py_XSETREF(self->skel[a][j], Py_NewRef(PyTuple_GET_ITEM(triple, j)));
+        PyObject *event = PyDict_New();
+        if (event == NULL)
+            return -1;
+        Py_XSETREF(self->event_tpl[a], event);
+        if (PyDict_SetItem(event, s_kind, s_event) < 0 ||
+            PyDict_SetItem(event, s_category, self->skel[a][0]) < 0 ||
+            PyDict_SetItem(event, s_type, self->skel[a][1]) < 0 ||
+            PyDict_SetItem(event, s_action, self->skel[a][2]) < 0)
+            return -1;
     }
+    PyObject **fresh[] = {&self->edr_tpl, &self->user_cache, &self->group_cache,
+                          &self->parent_cache};
+    for (size_t i = 0; i < sizeof fresh / sizeof fresh[0]; i++) {
+        PyObject *d = PyDict_New();
+        if (d == NULL)
+            return -1;
+        Py_XSETREF(*fresh[i], d);
+    }
+    if (PyDict_SetItem(self->edr_tpl, s_tier, self->tier) < 0 ||
+        PyDict_SetItem(self->edr_tpl, s_schema, self->schema) < 0)
+        return -1;
     self->ts_text[0] = 0;
     return 0;
 }
@@ -1448,9 +1573,11 @@ static int Hot_traverse(Hot *self, visitproc visit, void *arg)
 {
     for (size_t i = 0; i < N_MEMBERS; i++)
         Py_VISIT(MEMBER(self, i));
-    for (int a = 0; a < A_COUNT; a++)
+    for (int a = 0; a < A_COUNT; a++) {
         for (int j = 0; j < 3; j++)
             Py_VISIT(self->skel[a][j]);
+        Py_VISIT(self->event_tpl[a]);
+    }
     return 0;
 }
 
@@ -1458,9 +1585,11 @@ static int Hot_clear(Hot *self)
 {
     for (size_t i = 0; i < N_MEMBERS; i++)
         Py_CLEAR(MEMBER(self, i));
-    for (int a = 0; a < A_COUNT; a++)
+    for (int a = 0; a < A_COUNT; a++) {
         for (int j = 0; j < 3; j++)
             Py_CLEAR(self->skel[a][j]);
+        Py_CLEAR(self->event_tpl[a]);
+    }
     return 0;
 }
 

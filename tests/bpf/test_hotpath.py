@@ -125,6 +125,43 @@ def test_the_parent_context_and_cache_invalidation_match() -> None:
     assert events[-2]["process"]["parent"]["command_line"] == "env"
 
 
+def test_shared_parent_and_user_dicts_follow_their_state(monkeypatch) -> None:
+    """The C path shares one parent dict per parent state, one user dict per (uid, name,
+    login uid) and one group dict per gid between processes; each event must still show its
+    own process's state when that state changes between siblings."""
+    from sensor import process_table
+
+    monkeypatch.setitem(process_table._user_names, 1000, "alice")
+    pair = Pair(emit_forks=False)
+    LOGIN = ebpf.EXEC_HAVE_LOGINUID
+    kids = [PID + 1, PID + 2, PID + 3, PID + 4]
+    records = [
+        fork_record(PARENT, PID),
+        exec_record(PID, b"/usr/bin/bash", b"bash\0", 1),
+        fork_record(PID, kids[0]),
+        exec_record(kids[0], b"/bin/true", b"true\0", 1, loginuid=1000, flags=LOGIN),
+        fork_record(PID, kids[1]),
+        # another login session, same uid
+        exec_record(kids[1], b"/bin/true", b"true\0", 1, loginuid=1001, flags=LOGIN),
+    ]
+    pair.feed(records)
+    monkeypatch.setitem(process_table._user_names, 1000, "alice2")  # renamed
+    pair.feed(
+        [
+            fork_record(PID, kids[2]),
+            exec_record(kids[2], b"/bin/true", b"true\0", 1, loginuid=1000, flags=LOGIN),
+            exec_record(PID, b"/usr/bin/env", b"env\0-i\0", 2),  # the parent changes
+            fork_record(PID, kids[3]),
+            exec_record(kids[3], b"/bin/true", b"true\0", 1, loginuid=1000, flags=LOGIN),
+        ]
+    )
+    events = [e for e in pair.check() if e["process"]["pid"] in kids]
+    assert [e["user"]["audit"]["id"] for e in events] == ["1000", "1001", "1000", "1000"]
+    assert [e["user"]["name"] for e in events] == ["alice", "alice", "alice2", "alice2"]
+    parents = [e["process"]["parent"]["command_line"] for e in events]
+    assert parents == ["bash", "bash", "bash", "env -i"]
+
+
 def test_one_by_one_and_batched_agree() -> None:
     records = [fork_record(PARENT, PID), exec_record(PID, b"/bin/true", b"true\0", 1)]
     pair = Pair()
