@@ -21,6 +21,7 @@ from sensor.hashing import ExecutableHasher
 from sensor.process_table import ProcessTable
 
 _STOP = object()
+_UNSEEN = object()
 
 
 class Sink(Protocol):
@@ -152,6 +153,7 @@ class EventPipeline:
 
     def _enrich(self, event: Event, seen: dict[str, str | None]) -> None:
         """Add the executable's SHA-256 to an exec event (and to its process in the table).
+        The caller passes exec events only.
 
         ``seen`` memoises the digests of paths within one batch: every exec of a batch
         happened before the batch is hashed, so the digest taken for the first of them is as
@@ -159,16 +161,15 @@ class EventPipeline:
         binary hundreds of times, and each lookup was a stat()). A path that cannot be hashed
         falls back to /proc/<pid>/exe, per process.
         """
-        if event["event"]["action"] != Action.EXEC:
+        proc = event.get("process")
+        if not proc:
             return
-        proc = event.get("process", {})
         path = proc.get("executable")
         if not path or "hash" in proc:
             return
         pid = proc.get("pid")
-        if path in seen:
-            digest = seen[path]
-        else:
+        digest = seen.get(path, _UNSEEN)
+        if digest is _UNSEEN:
             digest = seen[path] = self._hasher.sha256(path)
         if digest is None and pid:
             digest = self._hasher.sha256(f"/proc/{pid}/exe")
@@ -204,11 +205,12 @@ class EventPipeline:
             # Only the actions the policy can act on reach it: no call per event otherwise.
             wanted = inspector.actions if inspector is not None else frozenset()
             caused: list[Event] = []
+            enrich, exec_action = self._enrich, Action.EXEC
             for ev in batch:
                 action = ev["event"]["action"]
-                if action == Action.EXEC:
-                    self._enrich(ev, seen)
                 by_action[action] += 1
+                if action == exec_action:
+                    enrich(ev, seen)
                 if inspector is not None and action in wanted:
                     caused.extend(inspector.inspect(ev))
             batch.extend(caused)
