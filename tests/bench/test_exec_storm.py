@@ -282,6 +282,10 @@ def test_bad_arguments_are_refused(
 
 def test_tracers_run_in_canonical_order() -> None:
     assert es.tracer_list("auditd,untraced,sensor") == ["untraced", "sensor", "auditd"]
+    both = es.tracer_list("sensor-paused,sensor,untraced")
+    assert both == ["untraced", "sensor", "sensor-paused"]
+    # asked for by name only: a default-length storm would overflow its ring
+    assert "sensor-paused" not in es.build_parser().parse_args([]).tracers
 
 
 def test_refuses_without_root(
@@ -643,6 +647,32 @@ def test_sensor_captures_every_storm_exec(
     assert m.drops == 0 and m.spawned > 100
     assert m.captured == m.spawned, m
     assert m.cpu_seconds is not None and m.cpu_seconds > 0
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.timeout(200)
+def test_paused_sensor_holds_the_storm_in_its_ring(
+    spawner: Path, storm_program: str, tmp_path: Path
+) -> None:
+    tracer = es.PausedSensorTracer(_config().sensor_command, tmp_path)
+    if reason := tracer.unavailable():
+        pytest.skip(reason)
+    assert tracer.cpu_pids() == []  # its work happens after the window
+    marker = "edrbench-paused-test"
+    tracer.start(marker)
+    try:
+        tracer.begin()
+        assert tracer.proc is not None
+        stat = Path(f"/proc/{tracer.proc.pid}/stat").read_text()
+        assert stat.rsplit(")", 1)[1].split()[0] == "T"  # stopped for the storm
+        spawn = es.run_spawner(spawner, 2, 1.0, marker, storm_program)
+        capture = tracer.finish(spawn)
+    except BaseException:
+        tracer.abort()
+        raise
+    assert spawn.spawned > 100
+    assert capture.drops == 0 and capture.captured == spawn.spawned, capture
 
 
 @pytest.mark.root
