@@ -364,27 +364,59 @@ static int set_str(PyObject *d, PyObject *key, PyObject *value)
     return rc;
 }
 
-/* {"id": str(value)} */
-static PyObject *id_dict(PyObject *value)
+/* {key: value} (new reference) */
+static PyObject *single(PyObject *key, PyObject *value)
 {
     PyObject *d = PyDict_New();
-    if (d == NULL)
-        return NULL;
-    if (set_str(d, s_id, PyObject_Str(value)) < 0) {
-        Py_DECREF(d);
-        return NULL;
-    }
+    if (d != NULL && PyDict_SetItem(d, key, value) < 0)
+        Py_CLEAR(d);
     return d;
 }
 
-/* A shared sub-dict cache starts over when it reaches this many entries. */
+/* {"id": str(value)} */
+static PyObject *id_dict(PyObject *value)
+{
+    PyObject *text = PyObject_Str(value);
+    if (text == NULL)
+        return NULL;
+    PyObject *d = single(s_id, text);
+    Py_DECREF(text);
+    return d;
+}
+
+/* The shared sub-dict caches: key -> (state..., dict), a dict reused while the state it was
+ * built from is equal; a cache starts over when it reaches SHARED_CACHE_MAX entries. */
 #define SHARED_CACHE_MAX 4096
 
-static int cache_put(PyObject *cache, PyObject *key, PyObject *value)
+/* The dict cached under key for this state (new reference); NULL without an exception when
+ * there is none or its state differs. */
+static PyObject *cache_get(PyObject *cache, PyObject *key, PyObject *const *state, int n)
 {
+    PyObject *hit = PyDict_GetItemWithError(cache, key);
+    if (hit == NULL || !PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) != n + 1)
+        return NULL;
+    Py_INCREF(hit); /* the comparisons could run code that replaces the entry */
+    int same = 1;
+    for (int i = 0; i < n && same == 1; i++)
+        same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, i), state[i], Py_EQ);
+    PyObject *d = same == 1 ? Py_NewRef(PyTuple_GET_ITEM(hit, n)) : NULL;
+    Py_DECREF(hit);
+    return d;
+}
+
+static int cache_put(PyObject *cache, PyObject *key, PyObject *const *state, int n, PyObject *d)
+{
+    PyObject *entry = PyTuple_New(n + 1);
+    if (entry == NULL)
+        return -1;
+    for (int i = 0; i < n; i++)
+        PyTuple_SET_ITEM(entry, i, Py_NewRef(state[i]));
+    PyTuple_SET_ITEM(entry, n, Py_NewRef(d));
     if (PyDict_GET_SIZE(cache) >= SHARED_CACHE_MAX)
         PyDict_Clear(cache);
-    return PyDict_SetItem(cache, key, value);
+    int rc = PyDict_SetItem(cache, key, entry);
+    Py_DECREF(entry);
+    return rc;
 }
 
 /* process.start: boot_epoch_ns + start_ticks * 1_000_000_000 // CLK_TCK (new reference);
@@ -419,53 +451,25 @@ static PyObject *start_time(Hot *self, PyObject *ticks)
  * fragments; an exec storm's children all have the same parent. */
 static PyObject *parent_fields(Hot *self, PyObject *ppid, PyObject *parent)
 {
-    PyObject *pfields = NULL, *v;
-    PyObject *state[4] = {NULL, NULL, NULL, NULL};
-    int t;
-    if (parent != NULL) {
-        state[0] = SLOT(parent, F_ENTITY_ID);
-        state[1] = SLOT(parent, F_EXECUTABLE);
-        state[2] = SLOT(parent, F_ARGS);
-        state[3] = SLOT(parent, F_COMM);
-        PyObject *hit = PyDict_GetItemWithError(self->parent_cache, ppid);
-        if (hit == NULL && PyErr_Occurred())
-            return NULL;
-        if (hit != NULL && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 5) {
-            Py_INCREF(hit);
-            int same = 1;
-            for (int i = 0; i < 4 && same == 1; i++)
-                same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, i), state[i], Py_EQ);
-            if (same == 1)
-                pfields = Py_NewRef(PyTuple_GET_ITEM(hit, 4));
-            Py_DECREF(hit);
-            if (same < 0)
-                return NULL;
-            if (pfields != NULL)
-                return pfields;
-        }
-    }
-    pfields = PyDict_New();
-    if (pfields == NULL || PyDict_SetItem(pfields, s_pid, ppid) < 0)
-        goto fail;
     if (parent == NULL)
+        return single(s_pid, ppid);
+    PyObject *state[4] = {SLOT(parent, F_ENTITY_ID), SLOT(parent, F_EXECUTABLE),
+                          SLOT(parent, F_ARGS), SLOT(parent, F_COMM)};
+    PyObject *pfields = cache_get(self->parent_cache, ppid, state, 4);
+    if (pfields != NULL || PyErr_Occurred())
         return pfields;
-    if (PyDict_SetItem(pfields, s_entity_id, state[0]) < 0 ||
+    pfields = single(s_pid, ppid);
+    if (pfields == NULL || PyDict_SetItem(pfields, s_entity_id, state[0]) < 0 ||
         set_str(pfields, s_name, info_name(self, parent)) < 0)
         goto fail;
-    v = state[1];
-    t = PyObject_IsTrue(v);
-    if (t < 0 || (t && PyDict_SetItem(pfields, s_executable, v) < 0))
+    int t = PyObject_IsTrue(state[1]);
+    if (t < 0 || (t && PyDict_SetItem(pfields, s_executable, state[1]) < 0))
         goto fail;
-    v = state[2];
-    t = PyObject_IsTrue(v);
-    if (t < 0 || (t && set_str(pfields, s_command_line, PyUnicode_Join(s_space, v)) < 0))
+    t = PyObject_IsTrue(state[2]);
+    if (t < 0 ||
+        (t && set_str(pfields, s_command_line, PyUnicode_Join(s_space, state[2])) < 0) ||
+        cache_put(self->parent_cache, ppid, state, 4, pfields) < 0)
         goto fail;
-    PyObject *entry = PyTuple_Pack(5, state[0], state[1], state[2], state[3], pfields);
-    if (entry == NULL || cache_put(self->parent_cache, ppid, entry) < 0) {
-        Py_XDECREF(entry);
-        goto fail;
-    }
-    Py_DECREF(entry);
     return pfields;
 fail:
     Py_XDECREF(pfields);
@@ -475,61 +479,38 @@ fail:
 /* user (new reference): {"id", "name"?, "audit"?}, one dict per (uid, name, login uid). */
 static PyObject *user_fields(Hot *self, PyObject *uid, PyObject *loginuid)
 {
-    PyObject *user = NULL, *name = PyDict_GetItemWithError(self->user_names, uid);
-    if (name != NULL) {
+    PyObject *name = PyDict_GetItemWithError(self->user_names, uid);
+    if (name != NULL)
         Py_INCREF(name);
-    } else if (PyErr_Occurred()) {
-        return NULL;
-    } else {
+    else if (!PyErr_Occurred())
         name = PyObject_CallOneArg(self->user_name, uid);
-        if (name == NULL)
-            return NULL;
-    }
-    PyObject *hit = PyDict_GetItemWithError(self->user_cache, uid);
-    if (hit == NULL && PyErr_Occurred())
+    if (name == NULL)
+        return NULL;
+    PyObject *state[2] = {name, loginuid};
+    PyObject *user = cache_get(self->user_cache, uid, state, 2);
+    if (user != NULL || PyErr_Occurred())
         goto out;
-    if (hit != NULL && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 3) {
-        Py_INCREF(hit);
-        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, 0), name, Py_EQ);
-        if (same == 1)
-            same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, 1), loginuid, Py_EQ);
-        if (same == 1)
-            user = Py_NewRef(PyTuple_GET_ITEM(hit, 2));
-        Py_DECREF(hit);
-        if (same != 0)
-            goto out; /* a hit, or an error */
-    }
     user = id_dict(uid);
     if (user == NULL)
         goto out;
     int t = PyObject_IsTrue(name);
     if (t < 0 || (t && PyDict_SetItem(user, s_name, name) < 0) ||
-        (loginuid != Py_None && set_str(user, s_audit, id_dict(loginuid)) < 0))
-        goto fail;
-    PyObject *entry = PyTuple_Pack(3, name, loginuid, user);
-    if (entry == NULL || cache_put(self->user_cache, uid, entry) < 0) {
-        Py_XDECREF(entry);
-        goto fail;
-    }
-    Py_DECREF(entry);
+        (loginuid != Py_None && set_str(user, s_audit, id_dict(loginuid)) < 0) ||
+        cache_put(self->user_cache, uid, state, 2, user) < 0)
+        Py_CLEAR(user);
 out:
     Py_DECREF(name);
     return user;
-fail:
-    Py_CLEAR(user);
-    goto out;
 }
 
 /* group (new reference): {"id": str(gid)}, one dict per gid. */
 static PyObject *group_fields(Hot *self, PyObject *gid)
 {
-    PyObject *group = PyDict_GetItemWithError(self->group_cache, gid);
-    if (group != NULL)
-        return Py_NewRef(group);
-    if (PyErr_Occurred())
-        return NULL;
+    PyObject *group = cache_get(self->group_cache, gid, NULL, 0);
+    if (group != NULL || PyErr_Occurred())
+        return group;
     group = id_dict(gid);
-    if (group != NULL && cache_put(self->group_cache, gid, group) < 0)
+    if (group != NULL && cache_put(self->group_cache, gid, NULL, 0, group) < 0)
         Py_CLEAR(group);
     return group;
 }
@@ -595,15 +576,8 @@ static PyObject *build_ecs(Hot *self, PyObject *info, PyObject *parent)
     t = PyObject_IsTrue(v);
     if (t < 0)
         goto fail;
-    if (t) {
-        PyObject *c = PyDict_New();
-        if (c == NULL || PyDict_SetItem(c, s_id, v) < 0) {
-            Py_XDECREF(c);
-            goto fail;
-        }
-        if (set_str(fields, s_container, c) < 0)
-            goto fail;
-    }
+    if (t && set_str(fields, s_container, single(s_id, v)) < 0)
+        goto fail;
     return fields;
 fail:
     Py_XDECREF(proc);
@@ -678,15 +652,8 @@ static PyObject *ecs(Hot *self, PyObject *info, PyObject **proc_out)
     t = PyObject_IsTrue(sha);
     if (t < 0)
         goto fail;
-    if (t) {
-        PyObject *h = PyDict_New();
-        if (h == NULL || PyDict_SetItem(h, s_sha256, sha) < 0) {
-            Py_XDECREF(h);
-            goto fail;
-        }
-        if (set_str(proc, s_hash, h) < 0)
-            goto fail;
-    }
+    if (t && set_str(proc, s_hash, single(s_sha256, sha)) < 0)
+        goto fail;
     PyObject *code = SLOT(info, F_EXIT_CODE);
     if (code != Py_None && PyDict_SetItem(proc, s_exit_code, code) < 0)
         goto fail;
