@@ -256,6 +256,14 @@ def prefix_heads(prefixes: Iterable[str]) -> set[int]:
     return heads
 
 
+def head_words(heads: Iterable[int]) -> dict[int, int]:
+    """``prefix_heads`` as the words of file.bpf.c's bitmap: bit ``h & 63`` of word ``h >> 6``."""
+    words: dict[int, int] = {}
+    for head in heads:
+        words[head >> 6] = words.get(head >> 6, 0) | 1 << (head & 63)
+    return words
+
+
 class DecodeError(ValueError):
     """A ring-buffer record that does not have the shape its type tag promises."""
 
@@ -1030,8 +1038,9 @@ class TracepointSource(Source):
             self._fill_prefixes(bpf[b"exclude_prefixes"], filters.exclude_prefixes)
             self._fill_prefixes(bpf[b"sensitive_prefixes"], filters.sensitive_read_prefixes)
             heads = bpf[b"sensitive_heads"]
-            for head in sorted(prefix_heads(filters.sensitive_read_prefixes)):
-                heads[heads.Key(head)] = heads.Leaf(1)
+            words = head_words(prefix_heads(filters.sensitive_read_prefixes))
+            for index, word in sorted(words.items()):
+                heads[heads.Key(index)] = heads.Leaf(word)
 
     @staticmethod
     def _fill_prefixes(trie: Any, prefixes: Iterable[str]) -> None:

@@ -53,6 +53,11 @@ BPF_HASH(chdir_stash, __u32, struct edr_chdir_event, EDR_STASH_ENTRIES);
 BPF_PERCPU_ARRAY(chdir_scratch, struct edr_chdir_event, 1);
 BPF_PERCPU_ARRAY(cgroup_scratch, struct edr_cgroup_event, 1);
 
+#ifdef EDR_FILE
+/* file.bpf.c, pasted after this file: a process whose last thread exits owns no write watch */
+static __always_inline void edr_watch_owner_gone(__u32 tgid);
+#endif
+
 /* -- fork ------------------------------------------------------------------------------- */
 
 /* task:task_newtask fires in copy_process for every new task, in the parent, with the clone
@@ -322,6 +327,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #ifdef EDR_HAVE_GROUP_DEAD
     if (!args->group_dead)
         return 0;
+#ifdef EDR_FILE
+    edr_watch_owner_gone(tgid);
+#endif
 #else
     /* older kernels lack group_dead: the leader's exit is the best available signal */
     if (tid != tgid)

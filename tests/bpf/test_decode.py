@@ -468,6 +468,20 @@ def test_bad_prefix_is_refused() -> None:
         TracepointSource._fill_prefixes(Trie(), ["relative/"])
 
 
+def test_head_words_set_exactly_the_bits_of_the_heads() -> None:
+    """file.bpf.c reads bit ``h & 63`` of word ``h >> 6`` (u64 words of a 65,536-bit map)."""
+    heads = ebpf.prefix_heads(["/etc/shadow", "/root/.ssh/", "/x"])
+    words = ebpf.head_words(heads)
+    assert all(0 <= i < 1024 and 0 < w < 1 << 64 for i, w in words.items())
+    decoded = {i << 6 | b for i, w in words.items() for b in range(64) if w >> b & 1}
+    assert decoded == heads
+    etc = ord("e") << 8 | ord("t")
+    assert words[etc >> 6] >> (etc & 63) & 1
+    full = ebpf.head_words(ebpf.prefix_heads(["/"]))
+    assert len(full) == 1024 and set(full.values()) == {(1 << 64) - 1}
+    assert ebpf.head_words(set()) == {}
+
+
 def test_prefix_heads_admit_every_path_a_prefix_can_match() -> None:
     """The kernel's pre-filter index (bytes 1 and 2 of a path) must never rule out a match."""
     heads = ebpf.prefix_heads(["/etc/shadow", "/root/.ssh/"])

@@ -229,6 +229,64 @@ def test_first_write_per_open(sensor, tmp_path: Path) -> None:
     assert all(e["process"]["executable"] == os.path.realpath(sys.executable) for e in writes)
 
 
+def _owner_bit(sensor, tgid: int) -> int:
+    owners = sensor.source._bpf[b"watch_owners"]
+    return owners[owners.Key(tgid >> 6)].value >> (tgid & 63) & 1
+
+
+def test_watch_owner_bit_lives_as_long_as_the_process(sensor, tmp_path: Path) -> None:
+    """close and the write-like calls skip write_watch for tgids whose bit in watch_owners
+    (file.bpf.c) is clear: the bit must be set once the process has a watch, must still let
+    close drop it (a read-only fd reusing the number writes nothing), and must go at exit."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import os, sys
+                fd = os.open("w.txt", os.O_WRONLY | os.O_CREAT, 0o644)  # created, watched
+                os.close(fd)                                # the close drops the watch
+                again = os.open("/etc/hostname", os.O_RDONLY)
+                assert again == fd                          # same number, read-only
+                try:
+                    os.write(again, b"x")                   # attempted: EBADF, no event
+                except OSError:
+                    pass
+                os.close(again)
+                open("marker.txt", "w").close()
+                print("ready", flush=True)
+                sys.stdin.readline()
+                """
+            ),
+        ],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        marker = str(tmp_path / "marker.txt")
+        mine = _pid_is(child.pid)
+        assert sensor.wait_for(lambda e: mine(e) and e.get("file", {}).get("path") == marker)
+        assert _owner_bit(sensor, child.pid) == 1
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert sensor.wait_for(_action(child.pid, "exit"))
+    got = [
+        (e["event"]["action"], e["file"]["path"].rpartition("/")[2])
+        for e in sensor.find(lambda e: _pid_is(child.pid)(e) and "file" in e)
+    ]
+    assert got == [("create", "w.txt"), ("create", "marker.txt")], got
+    assert _owner_bit(sensor, child.pid) == 0
+
+
 def test_sensor_own_activity_is_filtered(sensor, tmp_path: Path) -> None:
     own = tmp_path / "own-write.txt"
     own.write_text("the sensor itself")
