@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,23 +10,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from .conftest import REPO, load_script
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("exec_storm", REPO / "bench" / "exec_storm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["exec_storm"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-es = _load()
+es = load_script("exec_storm")
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
