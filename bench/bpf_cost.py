@@ -33,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +166,7 @@ def bpf_stats() -> Iterator[None]:
         STATS_SYSCTL.write_text(before + "\n")
 
 
-def _load_sensor() -> tuple[Any, Any, threading.Event, threading.Thread]:
+def _load_sensor() -> tuple[Any, threading.Event, threading.Thread]:
     """The sensor's BPF object, all families, in this process; its reader drops records."""
     from backplane.schema import Family
     from sensor.capture import CaptureContext
@@ -186,7 +186,7 @@ def _load_sensor() -> tuple[Any, Any, threading.Event, threading.Thread]:
     stop = threading.Event()
     thread = threading.Thread(target=source.run, args=(stop,), name="bpf-cost", daemon=True)
     thread.start()
-    return source, ctx, stop, thread
+    return source, stop, thread
 
 
 def _programs(source: Any, floor: Any) -> dict[str, int]:
@@ -195,11 +195,11 @@ def _programs(source: Any, floor: Any) -> dict[str, int]:
     return fds
 
 
-def measure(duration: float, workers: int, rounds: int, log: Any) -> list[Row]:
+def measure(duration: float, workers: int, rounds: int, log: Callable[[str], None]) -> list[Row]:
     from bcc import BPF
 
     os.environ.update(exec_storm._bcc_env())
-    source, _ctx, stop, thread = _load_sensor()
+    source, stop, thread = _load_sensor()
     floor = BPF(text=FLOOR_TEXT.encode())
     try:
         with tempfile.TemporaryDirectory(prefix="edr-bpf-cost-") as tmp:

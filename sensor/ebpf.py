@@ -1039,7 +1039,7 @@ class TracepointSource(Source):
             self._fill_prefixes(bpf[b"sensitive_prefixes"], filters.sensitive_read_prefixes)
             heads = bpf[b"sensitive_heads"]
             words = head_words(prefix_heads(filters.sensitive_read_prefixes))
-            for index, word in sorted(words.items()):
+            for index, word in words.items():
                 heads[heads.Key(index)] = heads.Leaf(word)
 
     @staticmethod

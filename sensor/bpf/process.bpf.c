@@ -3,8 +3,9 @@
  * Hooks: task:task_newtask (fork: it carries the clone flags, which tell threads from
  * processes), sched:sched_process_exec/exit, sys_enter/exit_(f)chdir; without BTF also
  * sys_enter/exit_execve(at) (argv), sys_enter_exit(_group) and signal:signal_deliver (exit
- * status), see below. cgroup:cgroup_attach_task (container changes: a child inherits its parent's cgroups, so
- * user space needs to hear only about moves and clone3(CLONE_INTO_CGROUP)).
+ * status), see below. cgroup:cgroup_attach_task (container changes: a child inherits its
+ * parent's cgroups, so user space needs to hear only about moves and
+ * clone3(CLONE_INTO_CGROUP)).
  * Emits: EDR_EV_FORK, EDR_EV_EXEC, EDR_EV_EXIT, EDR_EV_CHDIR, EDR_EV_CGROUP.
  * Caveats: argv is bounded (EDR_ARGS_MAX_COUNT strings, EDR_ARGS_MAX_BYTES bytes; beyond that
  * the truncation flag is set). The child's start time is taken at task_newtask, a few

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -622,15 +623,21 @@ def test_auditd_counts_exactly_and_restores_audit_state(
     )
 
 
+def _sensor_tracer(cls: Any, tmp_path: Path) -> Any:
+    """The installed sensor as ``cls`` (SensorTracer or a subclass), or a skip saying why not."""
+    tracer = cls(_config().sensor_command, tmp_path)
+    if reason := tracer.unavailable():
+        pytest.skip(reason)
+    return tracer
+
+
 @pytest.mark.root
 @pytest.mark.bpf
 @pytest.mark.timeout(200)
 def test_sensor_captures_every_storm_exec(
     spawner: Path, storm_program: str, tmp_path: Path
 ) -> None:
-    tracer = es.SensorTracer(_config().sensor_command, tmp_path)
-    if reason := tracer.unavailable():
-        pytest.skip(reason)
+    tracer = _sensor_tracer(es.SensorTracer, tmp_path)
     m = es.measure(tracer, spawner, storm_program, 2, 1, _config(), "t")
     assert m.drops == 0 and m.spawned > 100
     assert m.captured == m.spawned, m
@@ -643,9 +650,7 @@ def test_sensor_captures_every_storm_exec(
 def test_paused_sensor_holds_the_storm_in_its_ring(
     spawner: Path, storm_program: str, tmp_path: Path
 ) -> None:
-    tracer = es.PausedSensorTracer(_config().sensor_command, tmp_path)
-    if reason := tracer.unavailable():
-        pytest.skip(reason)
+    tracer = _sensor_tracer(es.PausedSensorTracer, tmp_path)
     assert tracer.cpu_pids() == []  # its work happens after the window
     marker = "edrbench-paused-test"
     tracer.start(marker)
