@@ -90,18 +90,25 @@ class ClientStats:
     ack_latencies: list[float] = field(default_factory=list)  # seconds, only when recording
 
 
-def default_heartbeat(outbox: Outbox, tiers: dict[str, str] | None = None,
-                      bpf: dict[str, Any] | None = None) -> Heartbeat:
+def default_heartbeat(
+    outbox: Outbox, tiers: dict[str, str] | None = None, bpf: dict[str, Any] | None = None
+) -> Heartbeat:
     """Host metrics from psutil plus the outbox depth."""
     vm = psutil.virtual_memory()
     disk = psutil.disk_usage(str(outbox.path.parent))
     net = psutil.net_io_counters()
     metrics = {
         "cpu_percent": psutil.cpu_percent(interval=None),
-        "mem_total": vm.total, "mem_used": vm.used, "mem_percent": vm.percent,
-        "disk_total": disk.total, "disk_used": disk.used, "disk_percent": disk.percent,
-        "net_bytes_sent": net.bytes_sent, "net_bytes_recv": net.bytes_recv,
-        "net_packets_sent": net.packets_sent, "net_packets_recv": net.packets_recv,
+        "mem_total": vm.total,
+        "mem_used": vm.used,
+        "mem_percent": vm.percent,
+        "disk_total": disk.total,
+        "disk_used": disk.used,
+        "disk_percent": disk.percent,
+        "net_bytes_sent": net.bytes_sent,
+        "net_bytes_recv": net.bytes_recv,
+        "net_packets_sent": net.packets_sent,
+        "net_packets_recv": net.packets_recv,
         "outbox_bytes": outbox.size_bytes,
     }
     return Heartbeat(metrics, dict(tiers or {}), dict(bpf or {}), outbox.depth)
@@ -217,9 +224,13 @@ class BackplaneClient:
                 tls = self._session_factory()
             else:
                 ctx = client_context(cfg.ca_file, cfg.credentials_file)  # re-read: rotation
-                tls = TlsSession(ctx, server_side=False, server_hostname=cfg.server_name,
-                                 max_message=cfg.max_message,
-                                 handshake_timeout=cfg.handshake_timeout)
+                tls = TlsSession(
+                    ctx,
+                    server_side=False,
+                    server_hostname=cfg.server_name,
+                    max_message=cfg.max_message,
+                    handshake_timeout=cfg.handshake_timeout,
+                )
             sock.connect(cfg.endpoint)
             tls.start()
             self._flush(sock, tls)
@@ -380,11 +391,12 @@ class BackplaneClient:
             raise ProtocolError(f"renewed certificate is invalid: {exc}") from None
         if cert.public_key() != key.public_key():
             raise ProtocolError("renewed certificate is not for the key we generated")
-        key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         write_credentials(self.config.credentials_file, key_pem, cert_pem)
         self.stats.renewals += 1
         self._renew_not_before = time.monotonic() + 60
         log.info("backplane: certificate renewed; valid until %s", cert.not_valid_after_utc)
-

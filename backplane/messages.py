@@ -97,8 +97,14 @@ class Hello(Message):
 
     KIND: ClassVar[str] = "hello"
     SPEC: ClassVar[dict[str, str]] = {
-        "protocol": "uint", "sensor_version": "str", "hostname": "str", "os": "str",
-        "kernel": "str", "tiers": "str_map", "capabilities": "str_list", "policy_version": "int",
+        "protocol": "uint",
+        "sensor_version": "str",
+        "hostname": "str",
+        "os": "str",
+        "kernel": "str",
+        "tiers": "str_map",
+        "capabilities": "str_list",
+        "policy_version": "int",
     }
     protocol: int
     sensor_version: str
@@ -130,7 +136,10 @@ class Ack(Message):
 class Heartbeat(Message):
     KIND: ClassVar[str] = "heartbeat"
     SPEC: ClassVar[dict[str, str]] = {
-        "metrics": "map", "tiers": "str_map", "bpf": "map", "outbox_depth": "uint",
+        "metrics": "map",
+        "tiers": "str_map",
+        "bpf": "map",
+        "outbox_depth": "uint",
     }
     metrics: dict[str, Any] = field(default_factory=dict)
     tiers: dict[str, str] = field(default_factory=dict)

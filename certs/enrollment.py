@@ -108,7 +108,11 @@ class Enrollment:
                 host_id = self.store.new_host_id(conn)
                 cert_pem = ca.sign_csr(csr, host_id, now=now, validity=self.validity)
                 self.store.record(
-                    conn, cert_pem, hostname=hostname, source="enroll", token_id=token_id,
+                    conn,
+                    cert_pem,
+                    hostname=hostname,
+                    source="enroll",
+                    token_id=token_id,
                     now=now,
                 )
         except tokens.TokenError as exc:
@@ -118,9 +122,7 @@ class Enrollment:
         log.info("enrolled host %s (hostname %s) with token %s", host_id, hostname, token_id)
         return host_id, cert_pem, ca.cert_pem
 
-    def renew(
-        self, host_id: str, csr_pem: bytes | str, *, now: datetime | None = None
-    ) -> bytes:
+    def renew(self, host_id: str, csr_pem: bytes | str, *, now: datetime | None = None) -> bytes:
         """Sign a fresh certificate for an already-authenticated host.
 
         ``host_id`` must come from the peer certificate of the mutual-TLS session
@@ -161,7 +163,8 @@ class Enrollment:
         return cert_pem
 
 
-def public_key_matches(cert_pem: bytes, key: ec.EllipticCurvePrivateKey
-                       | ed25519.Ed25519PrivateKey) -> bool:
+def public_key_matches(
+    cert_pem: bytes, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+) -> bool:
     """True if ``cert_pem`` certifies ``key``'s public half (used by sensors after renewal)."""
     return x509.load_pem_x509_certificate(cert_pem).public_key() == key.public_key()

@@ -113,8 +113,11 @@ def host_id_of(cert: x509.Certificate) -> str:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise ValueError("certificate carries no host identity: no SAN extension") from None
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.startswith(HOST_URI_PREFIX)]
+    uris = [
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith(HOST_URI_PREFIX)
+    ]
     if uris != [HOST_URI_PREFIX + host_id]:
         raise ValueError(
             f"certificate carries no host identity: SAN URIs {uris!r} do not match CN {host_id!r}"
@@ -188,10 +191,12 @@ class CertificateAuthority:
             raise ValueError("CA common name must not be empty")
         start = _now(now)
         key = _new_key()
-        name = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ])
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]
+        )
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
             x509.CertificateBuilder()
@@ -205,9 +210,15 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -272,9 +283,15 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -304,10 +321,12 @@ class CertificateAuthority:
             raise ValueError("a server certificate needs at least one DNS name or IP address")
         sans = [_general_name(n) for n in names]
         key = _new_key()
-        subject = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-            x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64]),
-        ])
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64]),
+            ]
+        )
         cert = self._leaf(
             subject, key.public_key(), sans, ExtendedKeyUsageOID.SERVER_AUTH, now, validity
         )
@@ -321,14 +340,14 @@ class CertificateAuthority:
         validity: timedelta,
     ) -> bytes:
         validate_host_id(host_id)
-        subject = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-            x509.NameAttribute(NameOID.COMMON_NAME, host_id),
-        ])
-        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(HOST_URI_PREFIX + host_id)]
-        cert = self._leaf(
-            subject, public_key, sans, ExtendedKeyUsageOID.CLIENT_AUTH, now, validity
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                x509.NameAttribute(NameOID.COMMON_NAME, host_id),
+            ]
         )
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(HOST_URI_PREFIX + host_id)]
+        cert = self._leaf(subject, public_key, sans, ExtendedKeyUsageOID.CLIENT_AUTH, now, validity)
         return cert.public_bytes(serialization.Encoding.PEM)
 
     def issue_client(

@@ -188,8 +188,13 @@ class PKIStore:
             backup = self.state_dir / f"replaced-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
             with _umask(0o077):
                 backup.mkdir()
-            for path in (self.ca_path, self.ca_key_path, self.server_cert_path,
-                         self.server_key_path, self.crl_path):
+            for path in (
+                self.ca_path,
+                self.ca_key_path,
+                self.server_cert_path,
+                self.server_key_path,
+                self.crl_path,
+            ):
                 if path.exists():
                     os.replace(path, backup / path.name)
             if self.db_path.exists():
@@ -230,9 +235,10 @@ class PKIStore:
         """A fresh controller-assigned host id (16 hex digits) not used before."""
         while True:
             host_id = secrets.token_hex(8)
-            if conn.execute(
-                "SELECT 1 FROM certificates WHERE host_id = ?", (host_id,)
-            ).fetchone() is None:
+            if (
+                conn.execute("SELECT 1 FROM certificates WHERE host_id = ?", (host_id,)).fetchone()
+                is None
+            ):
                 return host_id
 
     def record(
@@ -253,20 +259,35 @@ class PKIStore:
             "INSERT INTO certificates (serial, host_id, hostname, fingerprint, not_before,"
             " not_after, issued_at, source, token_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                format(cert.serial_number, "x"), host_id, hostname, pki.fingerprint(cert_pem),
-                _ts(cert.not_valid_before_utc), _ts(cert.not_valid_after_utc), _ts(now),
-                source, token_id,
+                format(cert.serial_number, "x"),
+                host_id,
+                hostname,
+                pki.fingerprint(cert_pem),
+                _ts(cert.not_valid_before_utc),
+                _ts(cert.not_valid_after_utc),
+                _ts(now),
+                source,
+                token_id,
             ),
         )
         return IssuedCert(
-            serial=cert.serial_number, host_id=host_id, hostname=hostname,
-            fingerprint=pki.fingerprint(cert_pem), not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc, issued_at=now, source=source,
-            status="active", revoked_at=None,
+            serial=cert.serial_number,
+            host_id=host_id,
+            hostname=hostname,
+            fingerprint=pki.fingerprint(cert_pem),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            issued_at=now,
+            source=source,
+            status="active",
+            revoked_at=None,
         )
 
     def issue_offline(
-        self, hostname: str, *, now: datetime | None = None,
+        self,
+        hostname: str,
+        *,
+        now: datetime | None = None,
         validity: timedelta = pki.VALIDITY_CLIENT,
     ) -> tuple[str, bytes, bytes]:
         """Issue a key and certificate for an air-gapped host.
@@ -298,9 +319,15 @@ class PKIStore:
             rows = conn.execute(query + " ORDER BY issued_at, serial", args).fetchall()
         return [
             IssuedCert(
-                serial=int(r[0], 16), host_id=r[1], hostname=r[2], fingerprint=r[3],
-                not_before=datetime.fromisoformat(r[4]), not_after=datetime.fromisoformat(r[5]),
-                issued_at=datetime.fromisoformat(r[6]), source=r[7], status=r[8],
+                serial=int(r[0], 16),
+                host_id=r[1],
+                hostname=r[2],
+                fingerprint=r[3],
+                not_before=datetime.fromisoformat(r[4]),
+                not_after=datetime.fromisoformat(r[5]),
+                issued_at=datetime.fromisoformat(r[6]),
+                source=r[7],
+                status=r[8],
                 revoked_at=datetime.fromisoformat(r[9]) if r[9] else None,
             )
             for r in rows
@@ -313,28 +340,34 @@ class PKIStore:
             UnknownHost: nothing matches, or a hostname matches several host ids.
         """
         with self.reading() as conn:
-            if conn.execute(
-                "SELECT 1 FROM certificates WHERE host_id = ?", (host,)
-            ).fetchone():
+            if conn.execute("SELECT 1 FROM certificates WHERE host_id = ?", (host,)).fetchone():
                 return host
-            ids = sorted({r[0] for r in conn.execute(
-                "SELECT host_id FROM certificates WHERE hostname = ?", (host,)
-            )})
+            ids = sorted(
+                {
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT host_id FROM certificates WHERE hostname = ?", (host,)
+                    )
+                }
+            )
         if not ids:
             raise UnknownHost(f"no certificate was issued to a host id or hostname {host!r}")
         if len(ids) > 1:
             raise UnknownHost(
-                f"hostname {host!r} matches several host ids ({', '.join(ids)}); "
-                "name one host id"
+                f"hostname {host!r} matches several host ids ({', '.join(ids)}); name one host id"
             )
         return ids[0]
 
     def host_revoked(self, host_id: str) -> bool:
         """True once ``host_id`` has been revoked (revocation covers all its certificates)."""
         with self.reading() as conn:
-            return conn.execute(
-                "SELECT 1 FROM certificates WHERE host_id = ? AND status = 'revoked'", (host_id,)
-            ).fetchone() is not None
+            return (
+                conn.execute(
+                    "SELECT 1 FROM certificates WHERE host_id = ? AND status = 'revoked'",
+                    (host_id,),
+                ).fetchone()
+                is not None
+            )
 
     def is_revoked(self, serial: int) -> bool:
         with self.reading() as conn:
@@ -354,10 +387,13 @@ class PKIStore:
         host_id = self.resolve_host(host)
         now = now or datetime.now(UTC)
         with self.transaction() as conn:
-            serials = [r[0] for r in conn.execute(
-                "SELECT serial FROM certificates WHERE host_id = ? AND status != 'revoked'",
-                (host_id,),
-            )]
+            serials = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT serial FROM certificates WHERE host_id = ? AND status != 'revoked'",
+                    (host_id,),
+                )
+            ]
             conn.execute(
                 "UPDATE certificates SET status = 'revoked', revoked_at = ?"
                 " WHERE host_id = ? AND status != 'revoked'",

@@ -346,9 +346,7 @@ def _scrub(value: Any) -> Any:
     """Replace values under secret-looking keys, so no caller can audit a secret by mistake."""
     if isinstance(value, Mapping):
         return {
-            str(k): "[redacted]"
-            if any(s in str(k).lower() for s in _SECRET_KEYS)
-            else _scrub(v)
+            str(k): "[redacted]" if any(s in str(k).lower() for s in _SECRET_KEYS) else _scrub(v)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -513,8 +511,10 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
             retry = math.ceil(max(waits))
             log.warning("login throttled from %s", source)
             raise ApiError(
-                429, "too many failed logins: try again later",
-                headers={"Retry-After": str(retry)}, retry_after=retry,
+                429,
+                "too many failed logins: try again later",
+                headers={"Retry-After": str(retry)},
+                retry_after=retry,
             )
         store = _store(request)
         user: User | None = None
@@ -528,25 +528,36 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
         if user is None or user.disabled or not ok:
             state.limiter.fail(user_key, now)
             state.limiter.fail(addr_key, now)
-            reason = "unknown user" if user is None else "disabled" if user.disabled else (
-                "wrong password"
+            reason = (
+                "unknown user"
+                if user is None
+                else "disabled"
+                if user.disabled
+                else ("wrong password")
             )
             # An unknown "username" may be a password typed in the wrong box: not recorded.
-            await audit(request, "auth.login_failed",
-                        user.username if user is not None else "<unknown user>",
-                        {"reason": reason}, actor="anonymous")
+            await audit(
+                request,
+                "auth.login_failed",
+                user.username if user is not None else "<unknown user>",
+                {"reason": reason},
+                actor="anonymous",
+            )
             raise _unauthorized("invalid username or password")
         state.limiter.reset(user_key)
         if new_hash is not None:
             await asyncio.to_thread(store.update_user, user.username, password_hash=new_hash)
         sid = secrets.token_urlsafe(32)  # 256 bits
         csrf = secrets.token_urlsafe(32)
+        await asyncio.to_thread(store.purge_sessions, idle_before=now - s.idle_timeout, now=now)
         await asyncio.to_thread(
-            store.purge_sessions, idle_before=now - s.idle_timeout, now=now
-        )
-        await asyncio.to_thread(
-            store.create_session, _sha256(sid), user.username, csrf, now + s.session_ttl,
-            source, now=now,
+            store.create_session,
+            _sha256(sid),
+            user.username,
+            csrf,
+            now + s.session_ttl,
+            source,
+            now=now,
         )
         request.ctx.user = Principal(user.username, user.role.value, "session")
         await audit(request, "auth.login", user.username)
@@ -554,8 +565,14 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
             {"username": user.username, "role": user.role.value, "csrf_token": csrf}
         )
         response.add_cookie(
-            COOKIE_NAME, sid, path="/", max_age=int(s.session_ttl), secure=True,
-            httponly=True, samesite="Strict", host_prefix=True,
+            COOKIE_NAME,
+            sid,
+            path="/",
+            max_age=int(s.session_ttl),
+            secure=True,
+            httponly=True,
+            samesite="Strict",
+            host_prefix=True,
         )
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -629,8 +646,12 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
         key = f"user:{session.username.lower()}"
         if (wait := state.limiter.retry_after(key, now)) is not None:
             retry = math.ceil(wait)
-            raise ApiError(429, "too many failed attempts: try again later",
-                           headers={"Retry-After": str(retry)}, retry_after=retry)
+            raise ApiError(
+                429,
+                "too many failed attempts: try again later",
+                headers={"Retry-After": str(retry)},
+                retry_after=retry,
+            )
         user: User = await asyncio.to_thread(store.get_user, session.username)
         ok, _ = await asyncio.to_thread(
             verify_password, user.password_hash, body["current_password"], state.settings.hasher
@@ -665,7 +686,10 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
         password = _checked_password(body["password"], "password")
         password_hash = await asyncio.to_thread(hash_password, password, state.settings.hasher)
         user = await asyncio.to_thread(
-            _store(request).create_user, username, password_hash, body["role"],
+            _store(request).create_user,
+            username,
+            password_hash,
+            body["role"],
             now=state.settings.clock(),
         )
         await audit(request, "user.create", username, {"role": user.role.value})
@@ -703,17 +727,28 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
             ):
                 raise ApiError(409, "cannot demote or disable the last admin")
             updated: User = await asyncio.to_thread(
-                store.update_user, username, role=body.get("role"),
-                disabled=body.get("disabled"), now=state.settings.clock(),
+                store.update_user,
+                username,
+                role=body.get("role"),
+                disabled=body.get("disabled"),
+                now=state.settings.clock(),
             )
         ended = 0
         if disable or (demote and user.role is not updated.role):
             # A session's role is read per request, but a disabled user must be out at once.
             ended = await asyncio.to_thread(store.delete_user_sessions, username)
         changes = {k: body[k] for k in ("role", "disabled") if k in body}
-        await audit(request, "user.update", username,
-                    {**changes, "previous_role": user.role.value,
-                     "was_disabled": user.disabled, "sessions_ended": ended})
+        await audit(
+            request,
+            "user.update",
+            username,
+            {
+                **changes,
+                "previous_role": user.role.value,
+                "was_disabled": user.disabled,
+                "sessions_ended": ended,
+            },
+        )
         return json_response(user_view(updated))
 
     @bp.post("/users/<username:str>/password")
@@ -726,7 +761,9 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
         await asyncio.to_thread(store.get_user, username)  # 404 before the costly hash
         password_hash = await asyncio.to_thread(hash_password, password, state.settings.hasher)
         updated = await asyncio.to_thread(
-            store.update_user, username, password_hash=password_hash,
+            store.update_user,
+            username,
+            password_hash=password_hash,
             now=state.settings.clock(),
         )
         ended = await asyncio.to_thread(store.delete_user_sessions, username)
@@ -752,11 +789,19 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
         owner = principal.username if principal.via == "session" else None
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         token = await asyncio.to_thread(
-            _store(request).create_api_token, body["name"], _sha256(secret), body["role"],
-            owner, now=state.settings.clock(),
+            _store(request).create_api_token,
+            body["name"],
+            _sha256(secret),
+            body["role"],
+            owner,
+            now=state.settings.clock(),
         )
-        await audit(request, "api_token.create", str(token.id),
-                    {"name": token.name, "role": token.role.value})
+        await audit(
+            request,
+            "api_token.create",
+            str(token.id),
+            {"name": token.name, "role": token.role.value},
+        )
         response = json_response({**token_view(token), "token": secret}, status=201)
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -788,8 +833,12 @@ def create_blueprint(settings: AuthSettings | None = None) -> Blueprint:
             if value is not None and not 1 <= len(value) <= 256:
                 raise ApiError(400, f"{name} must have 1 to 256 characters", field=name)
         entries: list[AuditEntry] = await asyncio.to_thread(
-            _store(request).list_audit, actor=filters["actor"], action=filters["action"],
-            since=since, limit=limit, before_id=before_id,
+            _store(request).list_audit,
+            actor=filters["actor"],
+            action=filters["action"],
+            since=since,
+            limit=limit,
+            before_id=before_id,
         )
         next_before = entries[-1].id if limit is not None and len(entries) == limit else None
         return json_response(

@@ -38,8 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--state-dir", type=Path, help="state directory (overrides config)")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", parents=[common], help="run the controller")
-    serve.add_argument("--log-level", default="INFO",
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     user = sub.add_parser("user", help="manage console users")
     usub = user.add_subparsers(dest="user_command", required=True)
     add = usub.add_parser("add", parents=[common], help="create a user")
@@ -125,8 +124,9 @@ def cmd_user_list(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from controller.app import create_app, ensure_pki
 
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     cfg = _config(args)
     # The server certificate must exist before Sanic binds its TLS socket.
     old = os.umask(0o077)
@@ -136,8 +136,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.umask(old)
     pki = ensure_pki(cfg)
     app = create_app(cfg)
-    log.info("controller: console https://%s:%d/  backplane %s  state %s", cfg.http_host,
-             cfg.http_port, cfg.backplane, cfg.state_dir)
+    log.info(
+        "controller: console https://%s:%d/  backplane %s  state %s",
+        cfg.http_host,
+        cfg.http_port,
+        cfg.backplane,
+        cfg.state_dir,
+    )
     # Single process: the backplane shares Sanic's loop (see controller.app).
     app.run(
         host=cfg.http_host,

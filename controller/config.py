@@ -182,7 +182,7 @@ def load_config(
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        key = name[len(ENV_PREFIX):].lower()
+        key = name[len(ENV_PREFIX) :].lower()
         if key not in _KINDS:
             raise ConfigError(f"environment variable {name}: unknown setting {key!r}")
         values[key] = _convert(key, raw, f"environment {name}")
@@ -191,8 +191,9 @@ def load_config(
             continue
         if key not in _KINDS:
             raise ConfigError(f"unknown setting {key!r}")
-        values[key] = _convert(key, str(value) if isinstance(value, Path) else value,
-                               "command line")
+        values[key] = _convert(
+            key, str(value) if isinstance(value, Path) else value, "command line"
+        )
     try:
         return ControllerConfig(**values)
     except TypeError as e:  # pragma: no cover - keys are checked above

@@ -134,8 +134,14 @@ class Field:
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object",
-             list: "an array", float: "a number"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        bool: "a boolean",
+        dict: "an object",
+        list: "an array",
+        float: "a number",
+    }
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
@@ -150,13 +156,21 @@ def _check_field(name: str, value: Any, spec: Field) -> None:
         raise ApiError(400, f"{name} must be a finite number", field=name)
     if isinstance(value, str | list):
         if spec.min_len is not None and len(value) < spec.min_len:
-            raise ApiError(400, f"{name} must have at least {spec.min_len} characters"
-                           if isinstance(value, str) else
-                           f"{name} must have at least {spec.min_len} items", field=name)
+            raise ApiError(
+                400,
+                f"{name} must have at least {spec.min_len} characters"
+                if isinstance(value, str)
+                else f"{name} must have at least {spec.min_len} items",
+                field=name,
+            )
         if spec.max_len is not None and len(value) > spec.max_len:
-            raise ApiError(400, f"{name} must have at most {spec.max_len} characters"
-                           if isinstance(value, str) else
-                           f"{name} must have at most {spec.max_len} items", field=name)
+            raise ApiError(
+                400,
+                f"{name} must have at most {spec.max_len} characters"
+                if isinstance(value, str)
+                else f"{name} must have at most {spec.max_len} items",
+                field=name,
+            )
     if isinstance(value, int | float) and not isinstance(value, bool):
         if spec.minimum is not None and value < spec.minimum:
             raise ApiError(400, f"{name} must be at least {spec.minimum:g}", field=name)

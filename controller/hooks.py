@@ -110,8 +110,12 @@ def _drop_counters(bpf: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out.update(_drop_counters(value, f"{name}."))
-        elif (isinstance(value, int) and not isinstance(value, bool) and value >= 0
-              and "drop" in str(key).lower()):
+        elif (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value >= 0
+            and "drop" in str(key).lower()
+        ):
             out[name] = value
     return out
 
@@ -187,16 +191,22 @@ class StoreHooks:
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
         except TimeoutError:
-            log.error("detection: %d batches not evaluated at shutdown (stored; evaluated "
-                      "at the next start)", self._queue.qsize())
+            log.error(
+                "detection: %d batches not evaluated at shutdown (stored; evaluated "
+                "at the next start)",
+                self._queue.qsize(),
+            )
         if self._pending_watermark:
             try:
-                await asyncio.to_thread(self.store.create_alerts, [],
-                                        evaluated_through=self._pending_watermark)
+                await asyncio.to_thread(
+                    self.store.create_alerts, [], evaluated_through=self._pending_watermark
+                )
                 self._pending_watermark = 0
             except StoreError:
-                log.exception("detection: watermark not saved (those events are evaluated "
-                              "again at the next start)")
+                log.exception(
+                    "detection: watermark not saved (those events are evaluated "
+                    "again at the next start)"
+                )
         self._stopping = True
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -231,12 +241,18 @@ class StoreHooks:
 
     # -- ControllerHooks ---------------------------------------------------------------------
     async def on_hello(self, host_id: str, hello: Hello, peer: str) -> None:
-        info = HostHello(hello.hostname, hello.os, hello.kernel, hello.sensor_version,
-                         dict(hello.tiers))
+        info = HostHello(
+            hello.hostname, hello.os, hello.kernel, hello.sensor_version, dict(hello.tiers)
+        )
         host = await asyncio.to_thread(self.store.upsert_host, host_id, info)
         self.metrics.hellos += 1
-        log.info("host %s (%s) connected from %s, sensor %s", host_id, hello.hostname, peer,
-                 hello.sensor_version)
+        log.info(
+            "host %s (%s) connected from %s, sensor %s",
+            host_id,
+            hello.hostname,
+            peer,
+            hello.sensor_version,
+        )
         self.live.publish("host", {**dataclasses.asdict(host), "peer": peer})
 
     async def commit_batch(
@@ -278,8 +294,9 @@ class StoreHooks:
 
     async def on_heartbeat(self, host_id: str, heartbeat: Heartbeat) -> None:
         drops = _drop_counters(heartbeat.bpf)
-        await asyncio.to_thread(self.store.record_heartbeat, host_id, heartbeat.metrics, drops,
-                                heartbeat.outbox_depth)
+        await asyncio.to_thread(
+            self.store.record_heartbeat, host_id, heartbeat.metrics, drops, heartbeat.outbox_depth
+        )
         self.metrics.capture_dropped[host_id] = drops
 
     async def pending_commands(self, host_id: str) -> list[Command]:
@@ -304,8 +321,7 @@ class StoreHooks:
         except (StoreError, ValueError) as exc:
             # A result we cannot place is logged, not fatal: dropping the session would only
             # make the sensor resend it.
-            log.warning("host %s: command result %r not recorded: %s", host_id,
-                        result.id[:64], exc)
+            log.warning("host %s: command result %r not recorded: %s", host_id, result.id[:64], exc)
             return
         if cmd is not None:
             self.metrics.command_results += 1
@@ -386,16 +402,21 @@ class StoreHooks:
                         await w.configure(config)
                         loaded = len(self.detection.rules)
                         if w.rules_loaded != loaded:
-                            log.warning("detection worker %d loaded %d rules, the controller "
-                                        "%d (rule files changed in between?)", w.pid,
-                                        w.rules_loaded, loaded)
+                            log.warning(
+                                "detection worker %d loaded %d rules, the controller "
+                                "%d (rule files changed in between?)",
+                                w.pid,
+                                w.rules_loaded,
+                                loaded,
+                            )
                     return w
                 except (WorkerFailed, OSError) as e:
                     if not retry:
                         raise RuntimeError(f"detection worker did not start: {e}") from e
                     delay = min(_RESTART_DELAY[1], max(_RESTART_DELAY[0], delay * 2))
-                    log.error("detection worker did not start: %s; trying again in %.1f s",
-                              e, delay)
+                    log.error(
+                        "detection worker did not start: %s; trying again in %.1f s", e, delay
+                    )
                     await asyncio.sleep(delay)
 
     async def _watch(self, worker: DetectionProcess) -> None:
@@ -403,15 +424,20 @@ class StoreHooks:
         code = await worker.wait()
         if self._stopping or worker.broken == "closed":
             return
-        log.error("detection worker %d %s; starting another one (what it had not answered "
-                  "is evaluated again)", worker.pid, worker.broken or describe_exit(code))
+        log.error(
+            "detection worker %d %s; starting another one (what it had not answered "
+            "is evaluated again)",
+            worker.pid,
+            worker.broken or describe_exit(code),
+        )
         if worker is self._worker:
             try:
                 await self._ensure_worker()
             except Exception:
                 if not self._stopping:
-                    log.exception("detection worker: restart failed (tried again with the "
-                                  "next round)")
+                    log.exception(
+                        "detection worker: restart failed (tried again with the next round)"
+                    )
 
     async def _detect_loop(self) -> None:
         assert self._queue is not None
@@ -455,16 +481,25 @@ class StoreHooks:
             try:
                 result = await worker.evaluate(next(self._rounds), work)
             except WorkerFailed as e:
-                log.error("detection: %s; %s", e, "evaluating its round again" if attempt == 1
-                          else "splitting its round to find the event that does it")
+                log.error(
+                    "detection: %s; %s",
+                    e,
+                    "evaluating its round again"
+                    if attempt == 1
+                    else "splitting its round to find the event that does it",
+                )
                 continue
             self.detection.evaluations += result.evaluations
             return result.alerts, result.errors
         events = sum(len(docs) for _, _, docs in work)
         if events <= 1:
             host_id, first_id, _ = work[0]
-            log.error("detection: event %s of host %s failed two detection workers; it stays "
-                      "stored but is not evaluated", first_id or "(unknown id)", host_id)
+            log.error(
+                "detection: event %s of host %s failed two detection workers; it stays "
+                "stored but is not evaluated",
+                first_id or "(unknown id)",
+                host_id,
+            )
             return [], 1
         hits: list[AlertHit] = []
         errors = 0
@@ -479,8 +514,11 @@ class StoreHooks:
         try:
             mark = await asyncio.to_thread(self.store.detection_watermark)
             while mark < self._replay_through:
-                rows = await asyncio.to_thread(self.store.event_docs_after, mark,
-                                               min(_REPLAY_CHUNK, self._replay_through - mark))
+                rows = await asyncio.to_thread(
+                    self.store.event_docs_after,
+                    mark,
+                    min(_REPLAY_CHUNK, self._replay_through - mark),
+                )
                 rows = [r for r in rows if r[0] <= self._replay_through]
                 if not rows:
                     break
@@ -488,8 +526,11 @@ class StoreHooks:
                 for event_id, host_id, doc in rows:
                     # Consecutive ids of one host form one unit, like a live batch.
                     last = work[-1] if work else None
-                    if last is not None and last[0] == host_id and \
-                            last[1] + len(last[2]) == event_id:
+                    if (
+                        last is not None
+                        and last[0] == host_id
+                        and last[1] + len(last[2]) == event_id
+                    ):
                         last[2].append(doc)
                     else:
                         work.append((host_id, event_id, [doc]))
@@ -502,8 +543,11 @@ class StoreHooks:
         if self._replay_done is not None:
             self._replay_done.set()
         if self.replayed:
-            log.warning("detection: re-evaluated %d stored events that were committed but not "
-                        "evaluated before the last stop", self.replayed)
+            log.warning(
+                "detection: re-evaluated %d stored events that were committed but not "
+                "evaluated before the last stop",
+                self.replayed,
+            )
 
     def _commit(self, work: list[_Work], hits: list[AlertHit]) -> list[Alert]:
         """Store a round's alerts and the detection watermark in one transaction (worker
@@ -531,8 +575,9 @@ class StoreHooks:
                     alerts += self.store.create_alerts([d])
                 except StoreError:
                     self.metrics.detection_errors += 1
-                    log.exception("detection: alert for rule %s on host %s not stored",
-                                  d.rule_id, d.host_id)
+                    log.exception(
+                        "detection: alert for rule %s on host %s not stored", d.rule_id, d.host_id
+                    )
             self.store.create_alerts([], evaluated_through=through or None)
         self._pending_watermark = 0
         self._watermark_at = now
@@ -540,8 +585,12 @@ class StoreHooks:
 
     def _draft(self, hit: AlertHit) -> AlertDraft:
         # The stdlib decoder: exact for what orjson rounds or refuses (alerts are rare).
-        walk = ancestry.Walk(json.loads(hit.chain), hit.pending, hit.seen,
-                             None if hit.stub is None else json.loads(hit.stub))
+        walk = ancestry.Walk(
+            json.loads(hit.chain),
+            hit.pending,
+            hit.seen,
+            None if hit.stub is None else json.loads(hit.stub),
+        )
         return AlertDraft(
             rule_id=hit.rule_id,
             rule_name=hit.title,
@@ -559,5 +608,4 @@ def _halves(work: list[_Work]) -> tuple[list[_Work], list[_Work]]:
         return work[:k], work[k:]
     host_id, first_id, docs = work[0]
     k = len(docs) // 2
-    return [(host_id, first_id, docs[:k])], [(host_id, first_id + k if first_id else 0,
-                                               docs[k:])]
+    return [(host_id, first_id, docs[:k])], [(host_id, first_id + k if first_id else 0, docs[k:])]

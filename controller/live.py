@@ -47,7 +47,10 @@ class StreamFilter:
 
     @classmethod
     def parse(
-        cls, host: str | None = None, kind: str | None = None, severity: str | None = None,
+        cls,
+        host: str | None = None,
+        kind: str | None = None,
+        severity: str | None = None,
         text: str | None = None,
     ) -> StreamFilter:
         """Build a filter from query parameters (comma-separated lists).
@@ -175,8 +178,9 @@ class LiveHub:
     def subscribers(self) -> int:
         return len(self._subs)
 
-    def subscribe(self, flt: StreamFilter | None = None, *, queue_size: int | None = None
-                  ) -> Subscription:
+    def subscribe(
+        self, flt: StreamFilter | None = None, *, queue_size: int | None = None
+    ) -> Subscription:
         """A new subscription; raises ``OverflowError`` past ``max_subscribers``."""
         if len(self._subs) >= self.max_subscribers:
             raise OverflowError(f"too many live subscribers (limit {self.max_subscribers})")

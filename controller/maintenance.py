@@ -96,8 +96,10 @@ class Maintenance:
             jobs.append(("retention", self._retention, iv.retention))
         if self.pki is not None:
             jobs.append(("crl", self._crl, iv.crl))
-        self._tasks = [asyncio.create_task(self._loop(name, job, wait), name=f"edr-{name}")
-                       for name, job, wait in jobs]
+        self._tasks = [
+            asyncio.create_task(self._loop(name, job, wait), name=f"edr-{name}")
+            for name, job, wait in jobs
+        ]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -127,8 +129,11 @@ class Maintenance:
         self._unfolded += n
         self._idle_turns = 0 if n else self._idle_turns + 1
         now = time.monotonic()
-        if (self._idle_turns >= 2 or self._unfolded >= PROCESS_CHUNK
-                or now - self._folded_at >= PROCESS_EVERY):
+        if (
+            self._idle_turns >= 2
+            or self._unfolded >= PROCESS_CHUNK
+            or now - self._folded_at >= PROCESS_EVERY
+        ):
             folded = await asyncio.to_thread(self.store.fold_processes, PROCESS_CHUNK)
             self._unfolded = max(0, self._unfolded - folded)
             self._folded_at = now
@@ -145,8 +150,12 @@ class Maintenance:
         expired = await asyncio.to_thread(self.store.expire_commands)
         self.expired += len(expired)
         for cmd in expired:
-            log.info("command %d (%s on host %s) expired without a result", cmd.id, cmd.action,
-                     cmd.host_id)
+            log.info(
+                "command %d (%s on host %s) expired without a result",
+                cmd.id,
+                cmd.action,
+                cmd.host_id,
+            )
             if self.live is not None:
                 self.live.publish("command", command_item(cmd))
         return -1
@@ -155,8 +164,9 @@ class Maintenance:
         res = await asyncio.to_thread(self.store.apply_retention, self.max_age, self.max_bytes)
         self.retention_deleted += res.events_deleted
         if res.events_deleted:
-            log.info("retention: deleted %d events (%d bytes)", res.events_deleted,
-                     res.bytes_deleted)
+            log.info(
+                "retention: deleted %d events (%d bytes)", res.events_deleted, res.bytes_deleted
+            )
         return -1
 
     async def _crl(self) -> float:

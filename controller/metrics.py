@@ -85,48 +85,96 @@ class Metrics:
     def families(self, gauges: Mapping[str, tuple[str, float]] | None = None) -> list[Family]:
         """Every family; ``gauges`` maps name → (help, value) for values read at scrape time."""
         fams = [
-            Family("edr_ingest_events_total", "Events committed to the store.", "counter",
-                   [({}, self.events)]),
-            Family("edr_ingest_batches_total", "Event batches committed.", "counter",
-                   [({}, self.batches)]),
-            Family("edr_ingest_duplicate_batches_total",
-                   "Batches received again after a reconnect and dropped as duplicates.",
-                   "counter", [({}, self.duplicates)]),
-            Family("edr_alerts_total", "Alerts raised by detection.", "counter",
-                   [({}, self.alerts)]),
-            Family("edr_detection_errors_total",
-                   "Batches, events or alerts detection failed on (logged).", "counter",
-                   [({}, self.detection_errors)]),
-            Family("edr_detection_worker_restarts_total",
-                   "Detection worker processes replaced after dying or breaking protocol.",
-                   "counter", [({}, self.detection_worker_restarts)]),
-            Family("edr_rule_hits_total", "Events matched, per Sigma rule.", "counter",
-                   [({"rule_id": rid, "rule": self.rule_names.get(rid, "")}, n)
-                    for rid, n in sorted(self.rule_hits.items())]),
-            Family("edr_sensor_outbox_dropped_events_total",
-                   "Events a sensor's outbox dropped (overflow), as it reported them.",
-                   "counter",
-                   [({"host_id": h}, n) for h, n in sorted(self.outbox_dropped.items())]),
-            Family("edr_sensor_capture_dropped",
-                   "Capture drop counters from each sensor's latest heartbeat.", "gauge",
-                   [({"host_id": h, "counter": c}, n)
+            Family(
+                "edr_ingest_events_total",
+                "Events committed to the store.",
+                "counter",
+                [({}, self.events)],
+            ),
+            Family(
+                "edr_ingest_batches_total",
+                "Event batches committed.",
+                "counter",
+                [({}, self.batches)],
+            ),
+            Family(
+                "edr_ingest_duplicate_batches_total",
+                "Batches received again after a reconnect and dropped as duplicates.",
+                "counter",
+                [({}, self.duplicates)],
+            ),
+            Family(
+                "edr_alerts_total", "Alerts raised by detection.", "counter", [({}, self.alerts)]
+            ),
+            Family(
+                "edr_detection_errors_total",
+                "Batches, events or alerts detection failed on (logged).",
+                "counter",
+                [({}, self.detection_errors)],
+            ),
+            Family(
+                "edr_detection_worker_restarts_total",
+                "Detection worker processes replaced after dying or breaking protocol.",
+                "counter",
+                [({}, self.detection_worker_restarts)],
+            ),
+            Family(
+                "edr_rule_hits_total",
+                "Events matched, per Sigma rule.",
+                "counter",
+                [
+                    ({"rule_id": rid, "rule": self.rule_names.get(rid, "")}, n)
+                    for rid, n in sorted(self.rule_hits.items())
+                ],
+            ),
+            Family(
+                "edr_sensor_outbox_dropped_events_total",
+                "Events a sensor's outbox dropped (overflow), as it reported them.",
+                "counter",
+                [({"host_id": h}, n) for h, n in sorted(self.outbox_dropped.items())],
+            ),
+            Family(
+                "edr_sensor_capture_dropped",
+                "Capture drop counters from each sensor's latest heartbeat.",
+                "gauge",
+                [
+                    ({"host_id": h, "counter": c}, n)
                     for h, counters in sorted(self.capture_dropped.items())
-                    for c, n in sorted(counters.items())]),
-            Family("edr_backplane_hellos_total", "Sensor sessions that said hello.", "counter",
-                   [({}, self.hellos)]),
-            Family("edr_backplane_disconnects_total", "Sensor sessions that ended.", "counter",
-                   [({}, self.disconnects)]),
-            Family("edr_commands_sent_total", "Response commands sent to sensors.", "counter",
-                   [({}, self.commands_sent)]),
-            Family("edr_command_results_total", "Command results received.", "counter",
-                   [({}, self.command_results)]),
+                    for c, n in sorted(counters.items())
+                ],
+            ),
+            Family(
+                "edr_backplane_hellos_total",
+                "Sensor sessions that said hello.",
+                "counter",
+                [({}, self.hellos)],
+            ),
+            Family(
+                "edr_backplane_disconnects_total",
+                "Sensor sessions that ended.",
+                "counter",
+                [({}, self.disconnects)],
+            ),
+            Family(
+                "edr_commands_sent_total",
+                "Response commands sent to sensors.",
+                "counter",
+                [({}, self.commands_sent)],
+            ),
+            Family(
+                "edr_command_results_total",
+                "Command results received.",
+                "counter",
+                [({}, self.command_results)],
+            ),
         ]
         for name, (help_text, value) in sorted((gauges or {}).items()):
             fams.append(Family(name, help_text, "gauge", [({}, value)]))
         return fams
 
-    def render(self, gauges: Mapping[str, tuple[str, float]] | None = None,
-               extra: Iterable[Family] = ()) -> str:
+    def render(
+        self, gauges: Mapping[str, tuple[str, float]] | None = None, extra: Iterable[Family] = ()
+    ) -> str:
         return "\n".join(f.render() for f in [*self.families(gauges), *extra]) + "\n"
 
 
@@ -137,26 +185,44 @@ def scrape_gauges(ctx: Any) -> tuple[dict[str, tuple[str, float]], list[Family]]
     bp = getattr(ctx, "backplane", None)
     if bp is not None:
         gauges["edr_backplane_sessions"] = ("Open sensor sessions (TLS).", len(bp.sessions))
-        gauges["edr_backplane_hosts_connected"] = ("Hosts with an accepted session.",
-                                                   len(bp.connected_hosts()))
-        gauges["edr_backplane_refused_handshakes"] = ("Handshakes refused since start.",
-                                                      bp.refused)
-        extra.append(Family("edr_backplane_session_queue_depth",
-                            "Messages waiting for the store, summed over sessions.", "gauge",
-                            [({}, sum(c.queue.qsize() for c in bp.sessions.values()))]))
+        gauges["edr_backplane_hosts_connected"] = (
+            "Hosts with an accepted session.",
+            len(bp.connected_hosts()),
+        )
+        gauges["edr_backplane_refused_handshakes"] = ("Handshakes refused since start.", bp.refused)
+        extra.append(
+            Family(
+                "edr_backplane_session_queue_depth",
+                "Messages waiting for the store, summed over sessions.",
+                "gauge",
+                [({}, sum(c.queue.qsize() for c in bp.sessions.values()))],
+            )
+        )
     hooks = getattr(ctx, "hooks", None)
     if hooks is not None:
-        gauges["edr_detection_queue_depth"] = ("Batches waiting for detection.",
-                                               hooks.detection_backlog)
+        gauges["edr_detection_queue_depth"] = (
+            "Batches waiting for detection.",
+            hooks.detection_backlog,
+        )
     live = getattr(ctx, "live", None)
     if live is not None:
         gauges["edr_live_subscribers"] = ("Websocket stream clients.", live.subscribers)
-        extra.append(Family("edr_live_dropped_total",
-                            "Items not delivered to slow websocket clients.", "counter",
-                            [({}, live.dropped)]))
-        extra.append(Family("edr_live_published_total", "Items published to the live stream.",
-                            "counter",
-                            [({"kind": k}, n) for k, n in sorted(live.published.items())]))
+        extra.append(
+            Family(
+                "edr_live_dropped_total",
+                "Items not delivered to slow websocket clients.",
+                "counter",
+                [({}, live.dropped)],
+            )
+        )
+        extra.append(
+            Family(
+                "edr_live_published_total",
+                "Items published to the live stream.",
+                "counter",
+                [({"kind": k}, n) for k, n in sorted(live.published.items())],
+            )
+        )
     return gauges, extra
 
 

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/pytest -ra "$@"

@@ -64,8 +64,8 @@ class Btf:
     def __init__(self, data: bytes) -> None:
         if len(data) < _HEADER.size:
             raise BtfError(f"BTF blob of {len(data)} bytes is shorter than its header")
-        magic, version, _flags, hdr_len, type_off, type_len, str_off, str_len = (
-            _HEADER.unpack_from(data)
+        magic, version, _flags, hdr_len, type_off, type_len, str_off, str_len = _HEADER.unpack_from(
+            data
         )
         if magic != BTF_MAGIC:
             raise BtfError(f"bad BTF magic {magic:#x} (big-endian or not BTF)")
@@ -121,8 +121,10 @@ class Btf:
         wanted = name.encode() + b"\0"
         for type_id, pos in enumerate(self._starts, 1):
             name_off, info, _ = _TYPE.unpack_from(self._types_raw, pos)
-            if (info >> 24) & 0x1F == KIND_STRUCT and name_off and self._strings.startswith(
-                wanted, name_off
+            if (
+                (info >> 24) & 0x1F == KIND_STRUCT
+                and name_off
+                and self._strings.startswith(wanted, name_off)
             ):
                 return type_id
         raise BtfError(f"no struct {name} in this kernel's BTF")

@@ -414,9 +414,7 @@ def decode_exec(raw: bytes) -> ExecRecord:
         args,
         truncated,
         cgroup_id,
-        (None if loginuid == NO_LOGINUID else loginuid)
-        if flags & EXEC_HAVE_LOGINUID
-        else UNKNOWN,
+        (None if loginuid == NO_LOGINUID else loginuid) if flags & EXEC_HAVE_LOGINUID else UNKNOWN,
     )
 
 

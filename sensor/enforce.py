@@ -161,9 +161,7 @@ class Enforcer:
         report["file"] = {"path": path, "hash": {"sha256": digest}}
         return [report]
 
-    def _report(
-        self, action: Action, cause: Event, outcome: str, detail: dict[str, Any]
-    ) -> Event:
+    def _report(self, action: Action, cause: Event, outcome: str, detail: dict[str, Any]) -> Event:
         now = self._clock()
         ev = new_event(action, host=self._host, tier=Tier(cause["edr"]["tier"]), epoch_ns=now,
                        outcome=outcome)  # fmt: skip

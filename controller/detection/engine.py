@@ -213,8 +213,7 @@ class DetectionEngine:
 
     # -- loading --------------------------------------------------------------------------------
 
-    def load(self, dirs: Iterable[str | Path] = (), *, disabled: Iterable[str] = ()
-             ) -> LoadReport:
+    def load(self, dirs: Iterable[str | Path] = (), *, disabled: Iterable[str] = ()) -> LoadReport:
         """Replace the rule set with the rules under ``dirs`` (and the built-in rules).
 
         Each entry may be a directory (searched recursively for ``*.yml``/``*.yaml``) or one
@@ -230,8 +229,12 @@ class DetectionEngine:
         """The directories and enabled state behind the current rule set, with its
         generation (how the detection worker process loads the same rules)."""
         with self._write:
-            return RuleConfig(self.generation, tuple(str(d) for d in self._dirs),
-                              self.include_builtin, frozenset(self._disabled))
+            return RuleConfig(
+                self.generation,
+                tuple(str(d) for d in self._dirs),
+                self.include_builtin,
+                frozenset(self._disabled),
+            )
 
     def reload(self) -> LoadReport:
         """Read the configured directories again and swap the new rule set in."""
@@ -400,8 +403,7 @@ class DetectionEngine:
         if event.__class__ is not dict and not isinstance(event, Mapping):
             raise TypeError(f"event must be a mapping, not {type(event).__name__}")
         meta = event.get("event")
-        action = (meta.get("action") if meta.__class__ is dict or isinstance(meta, Mapping)
-                  else None)
+        action = meta.get("action") if meta.__class__ is dict or isinstance(meta, Mapping) else None
         bucket = self._index.get(action) if isinstance(action, str) else None
         if bucket is None:
             return []

@@ -400,8 +400,9 @@ class Store(Protocol):
 
     def get_event(self, event_id: int) -> StoredEvent: ...
 
-    def process_tree(self, host_id: str, entity_id: str, *, children: bool = True
-                     ) -> ProcessTree: ...
+    def process_tree(
+        self, host_id: str, entity_id: str, *, children: bool = True
+    ) -> ProcessTree: ...
 
     def apply_retention(
         self,

@@ -411,7 +411,7 @@ def _insert_events(c: sqlite3.Connection, batch_id: int, rows: list[tuple[Any, .
         while n > len(rows) - start:
             n //= 2
         params: list[Any] = []
-        for r in rows[start:start + n]:
+        for r in rows[start : start + n]:
             params.append(batch_id)
             params.extend(r)
         c.execute(_insert_many(n), params)
@@ -598,13 +598,19 @@ class SQLiteStore:
         file; migration 6 then drops it. Redone in full if the drop never commits."""
         c = self._proc
         assert c is not None
-        if c.execute("SELECT 1 FROM store.sqlite_master WHERE type = 'table'"
-                     " AND name = 'processes'").fetchone() is None:
+        if (
+            c.execute(
+                "SELECT 1 FROM store.sqlite_master WHERE type = 'table' AND name = 'processes'"
+            ).fetchone()
+            is None
+        ):
             return
         c.execute("BEGIN")  # deferred: writes lock the process file only, never the store
         try:
-            c.execute(f"INSERT OR REPLACE INTO main.processes ({_PROCESS_ALL})"
-                      f" SELECT {_PROCESS_ALL} FROM store.processes")
+            c.execute(
+                f"INSERT OR REPLACE INTO main.processes ({_PROCESS_ALL})"
+                f" SELECT {_PROCESS_ALL} FROM store.processes"
+            )
             c.execute(
                 "UPDATE main.process_state SET value = (SELECT value FROM store.store_state"
                 " WHERE key = 'process_watermark') WHERE key = 'process_watermark'"
@@ -817,7 +823,8 @@ class SQLiteStore:
             path = v if v.__class__ is str and v.isascii() else _text(v)
             v = user.get("name")
             user_name = (v if v.__class__ is str and v.isascii() else _text(v)) or _text(
-                user.get("id"))
+                user.get("id")
+            )
             if action in process_actions and entity_id is not None:
                 v = proc.get("parent")
                 parent = v if v.__class__ is dict else (_dict(v) or empty)
@@ -938,12 +945,22 @@ class SQLiteStore:
         ingest never waits for it. Returns how many events it looked at."""
         _check_limit(max_rows, 1_000_000)
         with self._write_processes() as c:
-            return self._advance(c, "process_state", "process_watermark", max_rows,
-                                 (_STUB_PROCESSES, _UPSERT_PROCESSES))
+            return self._advance(
+                c,
+                "process_state",
+                "process_watermark",
+                max_rows,
+                (_STUB_PROCESSES, _UPSERT_PROCESSES),
+            )
 
     @staticmethod
-    def _advance(c: sqlite3.Connection, state: str, watermark: str, max_rows: int,
-                 statements: tuple[str, ...]) -> int:
+    def _advance(
+        c: sqlite3.Connection,
+        state: str,
+        watermark: str,
+        max_rows: int,
+        statements: tuple[str, ...],
+    ) -> int:
         """Run ``statements`` over the next ``max_rows`` event ids above ``watermark`` (a key
         of the ``state`` table) and move it past them."""
         low = c.execute(f"SELECT value FROM {state} WHERE key = ?", (watermark,)).fetchone()[0]
@@ -1073,8 +1090,7 @@ class SQLiteStore:
             raise NotFound("event", event_id)
         return StoredEvent(row[0], row[1], row[2] / 1_000_000, json.loads(row[3]))
 
-    def process_tree(self, host_id: str, entity_id: str, *, children: bool = True
-                     ) -> ProcessTree:
+    def process_tree(self, host_id: str, entity_id: str, *, children: bool = True) -> ProcessTree:
         """A process with its ancestors (nearest first) and direct children, from the
         exec/fork/exit events stored for ``host_id``.
 
@@ -1100,14 +1116,18 @@ class SQLiteStore:
                     break
                 ancestors.append(_process(row))
                 parent_id = ancestors[-1].parent_entity_id
-            kids = [] if not children else [
-                _process(r)
-                for r in c.execute(
-                    f"SELECT {_PROCESS_COLS} FROM proc.processes"
-                    " WHERE host_id = ? AND parent_entity_id = ? ORDER BY start_ts, entity_id",
-                    (host_id, entity_id),
-                )
-            ]
+            kids = (
+                []
+                if not children
+                else [
+                    _process(r)
+                    for r in c.execute(
+                        f"SELECT {_PROCESS_COLS} FROM proc.processes"
+                        " WHERE host_id = ? AND parent_entity_id = ? ORDER BY start_ts, entity_id",
+                        (host_id, entity_id),
+                    )
+                ]
+            )
         return ProcessTree(node, ancestors, kids)
 
     def event_bytes(self) -> int:

@@ -46,8 +46,11 @@ class Pki:
 
     dir: Path
     # Created a year ago, so tests can issue certificates that have already expired.
-    ca: CertificateAuthority = field(default_factory=lambda: CertificateAuthority.create(
-        now=datetime.now(UTC) - timedelta(days=365)))
+    ca: CertificateAuthority = field(
+        default_factory=lambda: CertificateAuthority.create(
+            now=datetime.now(UTC) - timedelta(days=365)
+        )
+    )
     revoked: list[tuple[int, datetime]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -86,8 +89,9 @@ class Pki:
     def server_config(self, endpoint: str = "tcp://127.0.0.1:0", **kw: Any) -> ServerConfig:
         return ServerConfig(endpoint, self.ca_file, self.server_file, None, self.crl_file, **kw)
 
-    def client_config(self, endpoint: str, cred: Path, server_name: str = "localhost",
-                      **kw: Any) -> ClientConfig:
+    def client_config(
+        self, endpoint: str, cred: Path, server_name: str = "localhost", **kw: Any
+    ) -> ClientConfig:
         kw.setdefault("backoff_min", 0.05)
         kw.setdefault("backoff_max", 0.5)
         kw.setdefault("heartbeat_interval", 0.5)
@@ -129,13 +133,25 @@ class ServerThread:
 
 
 def hello(host: str = "test-host", policy_version: int = -1) -> Hello:
-    return Hello(PROTOCOL_VERSION, "0.1.0", host, "Debian 12", os.uname().release,
-                 {"process": "fallback"}, ["kill"], policy_version)
+    return Hello(
+        PROTOCOL_VERSION,
+        "0.1.0",
+        host,
+        "Debian 12",
+        os.uname().release,
+        {"process": "fallback"},
+        ["kill"],
+        policy_version,
+    )
 
 
 def make_event(i: int) -> dict[str, Any]:
-    return {"@timestamp": "2026-01-01T00:00:00.000000Z", "event": {"action": "exec"},
-            "process": {"pid": i, "name": f"p{i}"}, "n": i}
+    return {
+        "@timestamp": "2026-01-01T00:00:00.000000Z",
+        "event": {"action": "exec"},
+        "process": {"pid": i, "name": f"p{i}"},
+        "n": i,
+    }
 
 
 class Recorder:
@@ -154,19 +170,27 @@ class Recorder:
         return version
 
 
-def make_client(cfg: ClientConfig, outbox: Outbox, rec: Recorder | None = None,
-                **kw: Any) -> BackplaneClient:
+def make_client(
+    cfg: ClientConfig, outbox: Outbox, rec: Recorder | None = None, **kw: Any
+) -> BackplaneClient:
     rec = rec or Recorder()
-    return BackplaneClient(cfg, outbox, hello=hello, on_command=rec.on_command,
-                           on_policy=rec.on_policy, **kw)
+    return BackplaneClient(
+        cfg, outbox, hello=hello, on_command=rec.on_command, on_policy=rec.on_policy, **kw
+    )
 
 
 # -- separate processes ----------------------------------------------------------------------
 def _controller_main(args: argparse.Namespace) -> None:
     """Run a controller until killed. Reads commands from stdin: ``cmd <host> <id> <action>``."""
     pki_dir = Path(args.pki)
-    cfg = ServerConfig(args.endpoint, pki_dir / "ca.pem", pki_dir / "server.pem", None,
-                       pki_dir / "crl.pem", heartbeat_timeout=args.heartbeat_timeout)
+    cfg = ServerConfig(
+        args.endpoint,
+        pki_dir / "ca.pem",
+        pki_dir / "server.pem",
+        None,
+        pki_dir / "crl.pem",
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
     hooks = SqliteHooks(Path(args.db))
 
     async def main() -> None:
@@ -196,17 +220,25 @@ def _sensor_main(args: argparse.Namespace) -> None:
             outbox.append(make_event(i) for i in range(start, min(args.events, start + 1000)))
         outbox.flush()
         marker.write_text("done")
-    cfg = ClientConfig(args.endpoint, args.server_name, pki_dir / "ca.pem",
-                       pki_dir / f"client-{args.host}.pem", backoff_min=0.05, backoff_max=0.5,
-                       heartbeat_interval=0.5, dead_after=args.dead_after)
+    cfg = ClientConfig(
+        args.endpoint,
+        args.server_name,
+        pki_dir / "ca.pem",
+        pki_dir / f"client-{args.host}.pem",
+        backoff_min=0.05,
+        backoff_max=0.5,
+        heartbeat_interval=0.5,
+        dead_after=args.dead_after,
+    )
     rec = Recorder()
 
     def on_command(cmd: Command) -> CommandResult:
         print(json.dumps({"command": cmd.id, "action": cmd.action}), flush=True)
         return rec.on_command(cmd)
 
-    client = BackplaneClient(cfg, outbox, hello=hello, on_command=on_command,
-                             on_policy=rec.on_policy)
+    client = BackplaneClient(
+        cfg, outbox, hello=hello, on_command=on_command, on_policy=rec.on_policy
+    )
     client.start()
     print(json.dumps({"started": True}), flush=True)
     while True:
@@ -219,8 +251,11 @@ def _sensor_main(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(process)d %(levelname)s %(message)s",
+    )
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="role", required=True)
     c = sub.add_parser("controller")
@@ -247,4 +282,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -19,8 +19,9 @@ from certs.pki import CertificateAuthority
 
 
 class SqliteHooks:
-    def __init__(self, path: Path, ca: CertificateAuthority | None = None,
-                 synchronous: str = "FULL") -> None:
+    def __init__(
+        self, path: Path, ca: CertificateAuthority | None = None, synchronous: str = "FULL"
+    ) -> None:
         self.path = path
         self.ca = ca
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -50,8 +51,9 @@ class SqliteHooks:
                 (host_id, hello.hostname),
             )
 
-    async def commit_batch(self, host_id: str, seq: int, events: list[dict[str, Any]],
-                           dropped: int) -> bool:
+    async def commit_batch(
+        self, host_id: str, seq: int, events: list[dict[str, Any]], dropped: int
+    ) -> bool:
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -84,7 +86,8 @@ class SqliteHooks:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, action, args FROM commands WHERE host=? AND status IS NULL "
-                "ORDER BY rowid", (host_id,),
+                "ORDER BY rowid",
+                (host_id,),
             ).fetchall()
         return [Command(i, a, json.loads(args)) for i, a, args in rows]
 
@@ -115,8 +118,9 @@ class SqliteHooks:
         self.disconnects.append((host_id, reason))
 
     # -- test helpers ------------------------------------------------------------------------
-    def queue_command(self, host_id: str, cmd_id: str, action: str,
-                      args: dict[str, Any] | None = None) -> None:
+    def queue_command(
+        self, host_id: str, cmd_id: str, action: str, args: dict[str, Any] | None = None
+    ) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT INTO commands(id, host, action, args) VALUES (?, ?, ?, ?)",
@@ -125,8 +129,10 @@ class SqliteHooks:
 
     def set_policy(self, host_id: str, version: int, doc: dict[str, Any]) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO policy VALUES (?, ?, ?)",
-                             (host_id, version, json.dumps(doc)))
+            self._db.execute(
+                "INSERT OR REPLACE INTO policy VALUES (?, ?, ?)",
+                (host_id, version, json.dumps(doc)),
+            )
 
     def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         with self._lock:

@@ -28,7 +28,10 @@ def free_port() -> int:
 def spawn(args: list[str], log: Path, prefix: list[str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*(prefix or []), sys.executable, HARNESS, *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("a"), text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log.open("a"),
+        text=True,
         cwd=Path(__file__).parents[2],
     )
 
@@ -80,15 +83,32 @@ def test_controller_kill9_loses_nothing(tmp_path: Path, pki: Pki, procs: list) -
     procs.append(c)
     read_json(c, "endpoint")
     total = 100_000
-    s = spawn(["sensor", "--pki", str(pki.dir), "--outbox", str(tmp_path / "ob.db"),
-               "--endpoint", endpoint, "--host", host, "--events", str(total),
-               "--exit-when-empty"], log)
+    s = spawn(
+        [
+            "sensor",
+            "--pki",
+            str(pki.dir),
+            "--outbox",
+            str(tmp_path / "ob.db"),
+            "--endpoint",
+            endpoint,
+            "--host",
+            host,
+            "--events",
+            str(total),
+            "--exit-when-empty",
+        ],
+        log,
+    )
     procs.append(s)
     read_json(s, "started", timeout=60)
     # Kill the controller twice mid-stream.
     for _ in range(2):
-        wait_for(lambda: db.exists() and count(db, "SELECT COUNT(*) FROM events") > 0, 30,
-                 "events arriving")
+        wait_for(
+            lambda: db.exists() and count(db, "SELECT COUNT(*) FROM events") > 0,
+            30,
+            "events arriving",
+        )
         time.sleep(0.3)
         kill9(c)
         c = spawn(ctrl, log)
@@ -108,30 +128,40 @@ def test_controller_kill9_loses_nothing(tmp_path: Path, pki: Pki, procs: list) -
     assert ns == list(range(total))
 
 
-def test_sensor_kill9_outbox_delivered_after_restart(tmp_path: Path, pki: Pki,
-                                                     procs: list) -> None:
+def test_sensor_kill9_outbox_delivered_after_restart(tmp_path: Path, pki: Pki, procs: list) -> None:
     host = "c0ffee0000000002"
     pki.client(host)
     db, log = tmp_path / "store.db", tmp_path / "log.txt"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     total = 20_000
-    sensor = ["sensor", "--pki", str(pki.dir), "--outbox", str(tmp_path / "ob.db"),
-              "--endpoint", endpoint, "--host", host, "--events", str(total),
-              "--exit-when-empty"]
+    sensor = [
+        "sensor",
+        "--pki",
+        str(pki.dir),
+        "--outbox",
+        str(tmp_path / "ob.db"),
+        "--endpoint",
+        endpoint,
+        "--host",
+        host,
+        "--events",
+        str(total),
+        "--exit-when-empty",
+    ]
     # The sensor writes its outbox while the controller is down, then dies.
     s = spawn(sensor, log)
     procs.append(s)
     read_json(s, "started", timeout=60)
     kill9(s)
-    c = spawn(["controller", "--pki", str(pki.dir), "--db", str(db), "--endpoint", endpoint],
-              log)
+    c = spawn(["controller", "--pki", str(pki.dir), "--db", str(db), "--endpoint", endpoint], log)
     procs.append(c)
     read_json(c, "endpoint")
     s = spawn(sensor, log)
     procs.append(s)
     # Kill it again mid-delivery, then let it finish.
-    wait_for(lambda: db.exists() and count(db, "SELECT COUNT(*) FROM events") > 0, 30,
-             "events arriving")
+    wait_for(
+        lambda: db.exists() and count(db, "SELECT COUNT(*) FROM events") > 0, 30, "events arriving"
+    )
     kill9(s)
     s = spawn(sensor, log)
     procs.append(s)

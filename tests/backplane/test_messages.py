@@ -100,7 +100,11 @@ def test_fuzz_frame_decoder_raw(data: bytes) -> None:
 
 
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text()
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text()
     | st.binary(),
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=5), c, max_size=4),
     max_leaves=20,
@@ -109,10 +113,34 @@ kinds = st.sampled_from([m.KIND for m in SAMPLES] + ["x", ""])
 
 
 @settings(max_examples=400, deadline=None)
-@given(kinds, st.dictionaries(st.sampled_from(
-    ["seq", "events", "dropped", "id", "action", "args", "version", "document", "csr",
-     "metrics", "tiers", "protocol", "hostname", "code", "message", "status", "output"]),
-    json_like, max_size=8))
+@given(
+    kinds,
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "seq",
+                "events",
+                "dropped",
+                "id",
+                "action",
+                "args",
+                "version",
+                "document",
+                "csr",
+                "metrics",
+                "tiers",
+                "protocol",
+                "hostname",
+                "code",
+                "message",
+                "status",
+                "output",
+            ]
+        ),
+        json_like,
+        max_size=8,
+    ),
+)
 def test_fuzz_structured_bodies(kind: str, fields: dict) -> None:
     raw = msgpack.packb({"k": kind, **fields}, use_bin_type=True)
     try:

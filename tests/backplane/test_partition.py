@@ -37,8 +37,20 @@ def netns():
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
         pytest.skip(f"cannot create network namespaces here: {exc}")
     try:
-        ip("link", "add", f"vc{tag}", "netns", ctrl, "type", "veth", "peer", "name",
-           f"vs{tag}", "netns", sens)
+        ip(
+            "link",
+            "add",
+            f"vc{tag}",
+            "netns",
+            ctrl,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"vs{tag}",
+            "netns",
+            sens,
+        )
         ip("-n", ctrl, "addr", "add", "10.77.0.1/30", "dev", f"vc{tag}")
         ip("-n", sens, "addr", "add", "10.77.0.2/30", "dev", f"vs{tag}")
         for ns, dev in ((ctrl, f"vc{tag}"), (sens, f"vs{tag}")):
@@ -50,8 +62,9 @@ def netns():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
-def test_partition_loses_nothing_and_command_arrives(tmp_path: Path, pki: Pki,
-                                                     netns: tuple[str, str, str]) -> None:
+def test_partition_loses_nothing_and_command_arrives(
+    tmp_path: Path, pki: Pki, netns: tuple[str, str, str]
+) -> None:
     ctrl_ns, sens_ns, sens_dev = netns
     host = "ba5eba11c0ffee00"
     pki.client(host)
@@ -59,20 +72,52 @@ def test_partition_loses_nothing_and_command_arrives(tmp_path: Path, pki: Pki,
     endpoint = "tcp://10.77.0.1:5555"
     started = []
     try:
-        c = spawn(["controller", "--pki", str(pki.dir), "--db", str(db), "--endpoint",
-                   endpoint, "--heartbeat-timeout", "3"], log,
-                  prefix=["ip", "netns", "exec", ctrl_ns])
+        c = spawn(
+            [
+                "controller",
+                "--pki",
+                str(pki.dir),
+                "--db",
+                str(db),
+                "--endpoint",
+                endpoint,
+                "--heartbeat-timeout",
+                "3",
+            ],
+            log,
+            prefix=["ip", "netns", "exec", ctrl_ns],
+        )
         started.append(c)
         read_json(c, "endpoint")
         first = 5000
-        s = spawn(["sensor", "--pki", str(pki.dir), "--outbox", str(tmp_path / "ob.db"),
-                   "--endpoint", endpoint, "--host", host, "--server-name", "10.77.0.1",
-                   "--events", str(first), "--dead-after", "3"], log,
-                  prefix=["ip", "netns", "exec", sens_ns])
+        s = spawn(
+            [
+                "sensor",
+                "--pki",
+                str(pki.dir),
+                "--outbox",
+                str(tmp_path / "ob.db"),
+                "--endpoint",
+                endpoint,
+                "--host",
+                host,
+                "--server-name",
+                "10.77.0.1",
+                "--events",
+                str(first),
+                "--dead-after",
+                "3",
+            ],
+            log,
+            prefix=["ip", "netns", "exec", sens_ns],
+        )
         started.append(s)
         read_json(s, "started", timeout=30)
-        wait_for(lambda: db.exists() and count(db, "SELECT COUNT(*) FROM events") == first,
-                 30, "events before the partition")
+        wait_for(
+            lambda: db.exists() and count(db, "SELECT COUNT(*) FROM events") == first,
+            30,
+            "events before the partition",
+        )
         ip("-n", sens_ns, "link", "set", sens_dev, "down")
         t0 = time.monotonic()
         # During the partition: more events into the sensor's outbox, a command queued.
@@ -91,11 +136,17 @@ def test_partition_loses_nothing_and_command_arrives(tmp_path: Path, pki: Pki,
         ip("-n", sens_ns, "link", "set", sens_dev, "up")
         got = read_json(s, "command", timeout=60)
         assert got == {"command": "cmd-during-partition", "action": "isolate"}
-        wait_for(lambda: count(db, "SELECT COUNT(*) FROM events") == first + extra, 60,
-                 "events after the partition")
+        wait_for(
+            lambda: count(db, "SELECT COUNT(*) FROM events") == first + extra,
+            60,
+            "events after the partition",
+        )
         assert count(db, "SELECT COUNT(DISTINCT seq || ':' || idx) FROM events") == first + extra
-        wait_for(lambda: count(db, "SELECT COUNT(*) FROM commands WHERE status='ok'") == 1, 30,
-                 "command result")
+        wait_for(
+            lambda: count(db, "SELECT COUNT(*) FROM commands WHERE status='ok'") == 1,
+            30,
+            "command result",
+        )
     finally:
         for p in started:
             p.kill()

@@ -24,8 +24,9 @@ def stored(hooks: SqliteHooks) -> int:
     return hooks.query("SELECT COUNT(*) FROM events")[0][0]
 
 
-def test_events_commands_policy_roundtrip(tmp_path: Path, pki: Pki, hooks: SqliteHooks,
-                                          server: ServerThread) -> None:
+def test_events_commands_policy_roundtrip(
+    tmp_path: Path, pki: Pki, hooks: SqliteHooks, server: ServerThread
+) -> None:
     host = "a1b2c3d4e5f60708"
     hooks.queue_command(host, "c-offline", "kill", {"pid": 1})  # queued while offline
     hooks.set_policy(host, 3, {"block": ["10.0.0.0/8"]})
@@ -42,8 +43,11 @@ def test_events_commands_policy_roundtrip(tmp_path: Path, pki: Pki, hooks: Sqlit
         hooks.queue_command(host, "c-live", "isolate")
         server.run(lambda: server.server.notify_command(host))
         wait_for(lambda: len(rec.commands) == 2, 5, "live command")
-        wait_for(lambda: hooks.query("SELECT COUNT(*) FROM commands WHERE status='ok'")[0][0]
-                 == 2, 5, "command results")
+        wait_for(
+            lambda: hooks.query("SELECT COUNT(*) FROM commands WHERE status='ok'")[0][0] == 2,
+            5,
+            "command results",
+        )
         wait_for(lambda: hooks.query("SELECT heartbeats FROM hosts")[0][0] > 0, 5, "heartbeat")
         assert hooks.query("SELECT policy_applied FROM hosts") == [(3,)]
         # The identity is the certificate's, never a message field (hello says "test-host").
@@ -54,8 +58,9 @@ def test_events_commands_policy_roundtrip(tmp_path: Path, pki: Pki, hooks: Sqlit
         ob.close()
 
 
-def _refused(caplog: pytest.LogCaptureFixture, server: ServerThread, before: int,
-             words: str) -> None:
+def _refused(
+    caplog: pytest.LogCaptureFixture, server: ServerThread, before: int, words: str
+) -> None:
     wait_for(lambda: server.server.refused > before, 10, f"a refused handshake ({words})")
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert any(words in line for line in lines), lines
@@ -64,8 +69,14 @@ def _refused(caplog: pytest.LogCaptureFixture, server: ServerThread, before: int
         assert "PRIVATE KEY" not in r.getMessage()
 
 
-def _try_client(tmp_path: Path, pki: Pki, server: ServerThread, cred: Path,
-                server_name: str = "localhost", ca_file: Path | None = None) -> None:
+def _try_client(
+    tmp_path: Path,
+    pki: Pki,
+    server: ServerThread,
+    cred: Path,
+    server_name: str = "localhost",
+    ca_file: Path | None = None,
+) -> None:
     ob = Outbox(tmp_path / f"ob-{cred.name}.db")
     ob.append([make_event(1)])
     ob.flush()
@@ -84,9 +95,14 @@ def _try_client(tmp_path: Path, pki: Pki, server: ServerThread, cred: Path,
 
 
 @pytest.mark.parametrize("case", ["other_ca", "revoked", "expired", "server_cert"])
-def test_refused_client_certificates(case: str, tmp_path: Path, pki: Pki, hooks: SqliteHooks,
-                                     server: ServerThread,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_refused_client_certificates(
+    case: str,
+    tmp_path: Path,
+    pki: Pki,
+    hooks: SqliteHooks,
+    server: ServerThread,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO)
     if case == "other_ca":
         cred = Pki(tmp_path / "other").client("abcd")
@@ -108,24 +124,30 @@ def test_refused_client_certificates(case: str, tmp_path: Path, pki: Pki, hooks:
     assert stored(hooks) == 0
 
 
-def test_no_client_certificate(pki: Pki, server: ServerThread,
-                               caplog: pytest.LogCaptureFixture) -> None:
+def test_no_client_certificate(
+    pki: Pki, server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(cafile=str(pki.ca_file))
     before = server.server.refused
     with pytest.raises(TlsError, match="no client certificate"):
-        _raw_tls_exchange(server.endpoint, TlsSession(ctx, server_side=False,
-                                                       server_hostname="localhost"))
+        _raw_tls_exchange(
+            server.endpoint, TlsSession(ctx, server_side=False, server_hostname="localhost")
+        )
     _refused(caplog, server, before, "no client certificate")
 
 
-def test_wrong_server_name_refused_by_client(tmp_path: Path, pki: Pki, server: ServerThread,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_wrong_server_name_refused_by_client(
+    tmp_path: Path, pki: Pki, server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
-    sess = TlsSession(client_context(pki.ca_file, pki.client("abcd")), server_side=False,
-                      server_hostname="controller.example")
+    sess = TlsSession(
+        client_context(pki.ca_file, pki.client("abcd")),
+        server_side=False,
+        server_hostname="controller.example",
+    )
     with pytest.raises(Exception, match=r"Hostname mismatch|hostname"):
         _raw_tls_exchange(server.endpoint, sess)
     # And the real client keeps its data and logs why.
@@ -161,11 +183,14 @@ def _raw_tls_exchange(endpoint: str, sess: TlsSession) -> None:
         ctx.term()
 
 
-@pytest.mark.parametrize("payload", [[b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"],
-                                     [b"\x16\x03\x01\x00\x05hello"],
-                                     [b"a", b"b", b"c"]], ids=["plain", "garbage", "frames"])
-def test_plain_and_garbage_refused(payload: list[bytes], server: ServerThread,
-                                   caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "payload",
+    [[b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], [b"\x16\x03\x01\x00\x05hello"], [b"a", b"b", b"c"]],
+    ids=["plain", "garbage", "frames"],
+)
+def test_plain_and_garbage_refused(
+    payload: list[bytes], server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -177,8 +202,11 @@ def test_plain_and_garbage_refused(payload: list[bytes], server: ServerThread,
         if len(payload) == 1:
             _refused(caplog, server, before, "refused handshake")
         else:
-            wait_for(lambda: any("garbage frames" in r.getMessage() for r in caplog.records),
-                     5, "garbage log")
+            wait_for(
+                lambda: any("garbage frames" in r.getMessage() for r in caplog.records),
+                5,
+                "garbage log",
+            )
     finally:
         sock.close()
         ctx.term()
@@ -201,9 +229,13 @@ def test_plain_tcp_bytes_do_not_hurt(tmp_path: Path, pki: Pki, server: ServerThr
         ob.close()
 
 
-def test_revoked_open_session_dropped(tmp_path: Path, pki: Pki, hooks: SqliteHooks,
-                                      server: ServerThread,
-                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_revoked_open_session_dropped(
+    tmp_path: Path,
+    pki: Pki,
+    hooks: SqliteHooks,
+    server: ServerThread,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO)
     host = "deadbeef00000001"
     cred = pki.client(host)
@@ -214,8 +246,7 @@ def test_revoked_open_session_dropped(tmp_path: Path, pki: Pki, hooks: SqliteHoo
         assert client.connected.wait(5)
         assert server.run(lambda: server.server.connected_hosts()) == {host}
         pki.revoke(cred)  # the server's file watch picks the new CRL up
-        wait_for(lambda: server.run(lambda: len(server.server.sessions)) == 0, 5,
-                 "session dropped")
+        wait_for(lambda: server.run(lambda: len(server.server.sessions)) == 0, 5, "session dropped")
         assert any("revoked; dropping session" in r.getMessage() for r in caplog.records)
         # It tries again and is refused every time.
         before = server.server.refused
@@ -229,8 +260,7 @@ def test_revoked_open_session_dropped(tmp_path: Path, pki: Pki, hooks: SqliteHoo
 def test_dead_peer_detected_and_reconnects(tmp_path: Path, pki: Pki, hooks: SqliteHooks) -> None:
     st = ServerThread(pki.server_config(heartbeat_timeout=1.0), hooks)
     ob = Outbox(tmp_path / "ob.db")
-    cfg = pki.client_config(st.endpoint, pki.client("feed"), heartbeat_interval=60,
-                            dead_after=60)
+    cfg = pki.client_config(st.endpoint, pki.client("feed"), heartbeat_interval=60, dead_after=60)
     client = make_client(cfg, ob)
     client.start()
     try:
@@ -248,8 +278,9 @@ def test_dead_peer_detected_and_reconnects(tmp_path: Path, pki: Pki, hooks: Sqli
         st.close()
 
 
-def test_certificate_rotation(tmp_path: Path, pki: Pki, hooks: SqliteHooks,
-                              server: ServerThread) -> None:
+def test_certificate_rotation(
+    tmp_path: Path, pki: Pki, hooks: SqliteHooks, server: ServerThread
+) -> None:
     host = "0123456789abcdef"
     cred = pki.client(host, now=datetime.now(UTC) - timedelta(days=80))  # 10 days left
     old = load_certificate(cred)

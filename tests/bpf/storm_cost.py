@@ -37,9 +37,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edr-cost-"))
     try:
         spawner = work / "spawner"
-        subprocess.run(
-            ["cc", "-O2", "-o", str(spawner), str(REPO / "bench/spawner.c")], check=True
-        )
+        subprocess.run(["cc", "-O2", "-o", str(spawner), str(REPO / "bench/spawner.c")], check=True)
         true = work / "edrbench-true"
         true.symlink_to("/bin/true")
         table = ProcessTable("cost-host")

@@ -63,20 +63,26 @@ class Controller(core_harness.Controller):
             while the console's HTTPS socket stays on the machine's loopback where the browser is.
     """
 
-    def __init__(self, state: Path, backplane_host: str = "127.0.0.1",
-                 netns: str | None = None) -> None:
+    def __init__(
+        self, state: Path, backplane_host: str = "127.0.0.1", netns: str | None = None
+    ) -> None:
         rules = state / "rules"
         rules.mkdir(parents=True, exist_ok=True)
         (rules / "browser_test_marker.yml").write_text(TEST_RULE)
         self.backplane_host = backplane_host
         config = ControllerConfig(
-            state_dir=state / "controller", backplane=f"tcp://{backplane_host}:0",
-            http_host="127.0.0.1", http_port=0,
+            state_dir=state / "controller",
+            backplane=f"tcp://{backplane_host}:0",
+            http_host="127.0.0.1",
+            http_port=0,
             server_names=tuple(dict.fromkeys(("localhost", "127.0.0.1", backplane_host))),
             rule_dirs=(rules,),
         )
-        super().__init__(config, netns=netns, intervals=Intervals(
-            index_idle=0.2, checkpoint=1, commands=0.2, retention=5, crl=1))
+        super().__init__(
+            config,
+            netns=netns,
+            intervals=Intervals(index_idle=0.2, checkpoint=1, commands=0.2, retention=5, crl=1),
+        )
         for name, role in USERS.items():
             self.ctx.store.create_user(name, FAST_HASHER.hash(PASSWORD), role)
 
@@ -94,8 +100,9 @@ class Controller(core_harness.Controller):
 class SensorProcess:
     """The real sensor, enrolled offline (what ``edr-certs issue`` leaves), in the fallback tier."""
 
-    def __init__(self, ctl: Controller, state: Path, hostname: str = "browser-host",
-                 netns: str | None = None) -> None:
+    def __init__(
+        self, ctl: Controller, state: Path, hostname: str = "browser-host", netns: str | None = None
+    ) -> None:
         self.host_id, cert, key = ctl.pki.issue_offline(hostname)
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         key_path = state / "sensor.key"
@@ -109,13 +116,32 @@ class SensorProcess:
         prefix = ["ip", "netns", "exec", netns] if netns else []
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "sensor.cli", "run", "--mode", "fallback",
-                 "--families", "process", "--state-dir", str(state),
-                 "--stats-interval", "0", "--controller", ctl.backplane_address],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
+                [
+                    *prefix,
+                    sys.executable,
+                    "-m",
+                    "sensor.cli",
+                    "run",
+                    "--mode",
+                    "fallback",
+                    "--families",
+                    "process",
+                    "--state-dir",
+                    str(state),
+                    "--stats-interval",
+                    "0",
+                    "--controller",
+                    ctl.backplane_address,
+                ],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
             )
-        wait_for(lambda: "capturing " in self.log.read_text() or self.proc.poll() is not None,
-                 30, "the sensor to start capturing")
+        wait_for(
+            lambda: "capturing " in self.log.read_text() or self.proc.poll() is not None,
+            30,
+            "the sensor to start capturing",
+        )
         if self.proc.poll() is not None:
             raise AssertionError(f"sensor exited: {self.log.read_text()}")
 
@@ -134,8 +160,10 @@ def main() -> None:  # pragma: no cover - manual use
     state.mkdir(parents=True, exist_ok=True)
     ctl = Controller(state)
     sensor = SensorProcess(ctl, state / "sensor")
-    print(f"console: {ctl.url}  users {', '.join(USERS)} / {PASSWORD!r}  host {sensor.host_id}",
-          flush=True)
+    print(
+        f"console: {ctl.url}  users {', '.join(USERS)} / {PASSWORD!r}  host {sensor.host_id}",
+        flush=True,
+    )
     (state / "url").write_text(ctl.url)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -8,8 +8,16 @@ from browser_harness import PASSWORD
 from playwright.sync_api import Page, expect
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 
 
@@ -18,8 +26,10 @@ class Errors:
 
     def __init__(self, page: Page) -> None:
         self.items: list[str] = []
-        page.on("console", lambda m: self.items.append(f"console: {m.text}")
-                if m.type == "error" else None)
+        page.on(
+            "console",
+            lambda m: self.items.append(f"console: {m.text}") if m.type == "error" else None,
+        )
         page.on("pageerror", lambda e: self.items.append(f"pageerror: {e}"))
 
     def allow(self, needle: str) -> None:

@@ -39,8 +39,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Controller
 
 @pytest.fixture
 def page(browser: Browser, stack: tuple[Controller, str]) -> Iterator[tuple[Page, Errors]]:
-    ctx = browser.new_context(ignore_https_errors=True, base_url=stack[0].url,
-                              viewport={"width": 1366, "height": 768})
+    ctx = browser.new_context(
+        ignore_https_errors=True, base_url=stack[0].url, viewport={"width": 1366, "height": 768}
+    )
     pg = ctx.new_page()
     pg.set_default_timeout(15_000)
     errors = Errors(pg)
@@ -49,8 +50,9 @@ def page(browser: Browser, stack: tuple[Controller, str]) -> Iterator[tuple[Page
 
 
 def run_on_host(*argv: str) -> None:
-    subprocess.run([sys.executable, "-c", "import time; time.sleep(0.8)", *argv], check=True,
-                   timeout=30)
+    subprocess.run(
+        [sys.executable, "-c", "import time; time.sleep(0.8)", *argv], check=True, timeout=30
+    )
 
 
 def test_wrong_password_is_shown_in_words(page: tuple[Page, Errors]) -> None:
@@ -117,9 +119,13 @@ def test_analyst_incident_flow(page: tuple[Page, Errors], stack: tuple[Controlle
     # Reload keeps the session; the other pages render.
     pg.reload()
     expect(pg.locator("#whoami")).to_contain_text("ada")
-    for name, sel in (("commands", "#command-list"), ("policy", "#policy-doc"),
-                      ("enrollment", "#certificates"), ("audit", "#audit-list"),
-                      ("search", "form")):
+    for name, sel in (
+        ("commands", "#command-list"),
+        ("policy", "#policy-doc"),
+        ("enrollment", "#certificates"),
+        ("audit", "#audit-list"),
+        ("search", "form"),
+    ):
         pg.goto(f"/#/{name}")
         expect(pg.locator(sel).first).to_be_visible()
         shot(pg, name)
@@ -132,8 +138,9 @@ def test_analyst_incident_flow(page: tuple[Page, Errors], stack: tuple[Controlle
     assert errors.items == []
 
 
-def test_viewer_sees_no_response_buttons(page: tuple[Page, Errors],
-                                         stack: tuple[Controller, str]) -> None:
+def test_viewer_sees_no_response_buttons(
+    page: tuple[Page, Errors], stack: tuple[Controller, str]
+) -> None:
     pg, errors = page
     _ctl, host_id = stack
     login(pg, errors, "val")
@@ -190,4 +197,3 @@ def _tree_of_running_process(pg: Page, ctl: Controller, host_id: str, tag: str) 
     expect(pg.locator("#confirm-text")).to_contain_text("SIGKILL")
     pg.get_by_role("button", name="Cancel").click()
     assert ctl.ctx.store.command_history(host_id) == []
-

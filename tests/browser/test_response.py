@@ -44,8 +44,9 @@ CTRL, OTHER = "10.78.1.2", "10.78.2.2"
 
 @contextmanager
 def console(browser: Browser, ctl: Controller) -> Iterator[tuple[Page, Errors]]:
-    ctx = browser.new_context(ignore_https_errors=True, base_url=ctl.url,
-                              viewport={"width": 1366, "height": 768})
+    ctx = browser.new_context(
+        ignore_https_errors=True, base_url=ctl.url, viewport={"width": 1366, "height": 768}
+    )
     try:
         pg = ctx.new_page()
         pg.set_default_timeout(15_000)
@@ -65,8 +66,9 @@ def proc_state(pid: int) -> str | None:
 
 def command_done(pg: Page, area: str, status: str = "succeeded") -> None:
     """The command's state drawn under ``area`` reaches ``status`` (the page polls it)."""
-    expect(pg.locator(f"{area} .cmd-status")).to_have_attribute("data-status", status,
-                                                                  timeout=30_000)
+    expect(pg.locator(f"{area} .cmd-status")).to_have_attribute(
+        "data-status", status, timeout=30_000
+    )
 
 
 # -- kill a held process from its alert ----------------------------------------------------------
@@ -84,8 +86,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Controller
         ctl.close()
 
 
-def test_kill_held_process_from_its_alert(browser: Browser,
-                                          stack: tuple[Controller, str]) -> None:
+def test_kill_held_process_from_its_alert(browser: Browser, stack: tuple[Controller, str]) -> None:
     ctl, host_id = stack
     tag = f"edr-hold-{uuid.uuid4().hex[:8]}"
     with console(browser, ctl) as (pg, errors):
@@ -93,25 +94,31 @@ def test_kill_held_process_from_its_alert(browser: Browser,
 
         # Put a hold policy in force through the Policy page.
         pg.goto("/#/policy")
-        doc = {"responses": {"hold_suspicious_exec": {"enabled": True,
-                                                      "patterns": [f"*{tag}*"]}}}
+        doc = {"responses": {"hold_suspicious_exec": {"enabled": True, "patterns": [f"*{tag}*"]}}}
         pg.locator("#policy-doc").fill(json.dumps(doc, indent=2))
         pg.get_by_label("Change comment").fill("hold the browser test's process")
         pg.get_by_role("button", name="Save and push to all hosts").click()
         expect(pg.locator("main")).to_contain_text("by ada")
         version = ctl.ctx.store.current_policy().version
-        wait_for(lambda: ctl.ctx.store.get_host(host_id).policy_version == version, 20,
-                 "the sensor to apply the hold policy")
+        wait_for(
+            lambda: ctl.ctx.store.get_host(host_id).policy_version == version,
+            20,
+            "the sensor to apply the hold policy",
+        )
         pg.reload()
         expect(pg.locator("main table").first).to_contain_text("yes")
         shot(pg, "policy-hold")
 
         # The suspicious exec: held by the sensor, alerted on by the test rule.
-        victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
-                                   RULE_MARKER, tag])
+        victim = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(120)", RULE_MARKER, tag]
+        )
         try:
-            wait_for(lambda: proc_state(victim.pid) == "T", 15,
-                     f"the sensor to hold (SIGSTOP) pid {victim.pid}")
+            wait_for(
+                lambda: proc_state(victim.pid) == "T",
+                15,
+                f"the sensor to hold (SIGSTOP) pid {victim.pid}",
+            )
             assert victim.poll() is None
 
             pg.goto("/#/alerts")
@@ -157,14 +164,14 @@ def host_online(ctl: Controller, host_id: str) -> bool:
         return False
 
 
-def test_isolate_and_unisolate_in_a_namespace(browser: Browser, lab: Namespaces,
-                                               tmp_path: Path) -> None:
+def test_isolate_and_unisolate_in_a_namespace(
+    browser: Browser, lab: Namespaces, tmp_path: Path
+) -> None:
     # The backplane listens in the controller namespace; the console stays on our loopback.
     ctl = Controller(tmp_path, backplane_host=CTRL, netns=lab.ctrl)
     sensor: SensorProcess | None = None
     try:
-        sensor = SensorProcess(ctl, tmp_path / "sensor", hostname="isolated-host",
-                               netns=lab.host)
+        sensor = SensorProcess(ctl, tmp_path / "sensor", hostname="isolated-host", netns=lab.host)
         host_id = sensor.host_id
         wait_for(lambda: host_online(ctl, host_id), 20, "the namespaced sensor to connect")
         with console(browser, ctl) as (pg, errors):
@@ -183,8 +190,11 @@ def test_isolate_and_unisolate_in_a_namespace(browser: Browser, lab: Namespaces,
             assert not lab.reach(OTHER), "isolation left 'other' reachable"
             # Still connected: heartbeats keep arriving through the isolation.
             isolated_at = ctl.ctx.store.get_host(host_id).last_seen
-            wait_for(lambda: ctl.ctx.store.get_host(host_id).last_seen > isolated_at, 30,
-                     "a heartbeat from the isolated sensor")
+            wait_for(
+                lambda: ctl.ctx.store.get_host(host_id).last_seen > isolated_at,
+                30,
+                "a heartbeat from the isolated sensor",
+            )
             assert ctl.ctx.store.get_host(host_id).online
 
             # The controller records the isolation the sensor confirmed; the page shows it.
@@ -204,7 +214,9 @@ def test_isolate_and_unisolate_in_a_namespace(browser: Browser, lab: Namespaces,
             assert errors.items == []
         cmds = ctl.ctx.store.command_history(host_id)
         assert sorted((c.action, c.status.value) for c in cmds) == [
-            ("isolate", "succeeded"), ("unisolate", "succeeded")]
+            ("isolate", "succeeded"),
+            ("unisolate", "succeeded"),
+        ]
     finally:
         if sensor is not None:
             sensor.stop()

@@ -25,8 +25,14 @@ def run(*args: str, state: Path | None = None, env_dir: Path | None = None):
     env = {k: v for k, v in os.environ.items() if k != "EDR_PKI_DIR"}
     if env_dir is not None:
         env["EDR_PKI_DIR"] = str(env_dir)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env,
-                          cwd=Path(__file__).resolve().parents[2])
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
 
 
 def ok(*args: str, state: Path) -> str:
@@ -140,10 +146,10 @@ def test_issue_list_revoke_crl(state: Path, tmp_path: Path) -> None:
     cert = x509.load_pem_x509_certificate((out / "sensor.pem").read_bytes())
     assert pki.host_id_of(cert) == host_id
     assert (out / "ca.pem").read_bytes() == (state / "ca.pem").read_bytes()
-    assert "already holds a sensor key" in fail("issue", "vault-01", "--out", str(out),
-                                                state=state)
-    assert "invalid hostname" in fail("issue", "bad/host", "--out", str(tmp_path / "x"),
-                                      state=state)
+    assert "already holds a sensor key" in fail("issue", "vault-01", "--out", str(out), state=state)
+    assert "invalid hostname" in fail(
+        "issue", "bad/host", "--out", str(tmp_path / "x"), state=state
+    )
     listing = ok("list", state=state)
     assert host_id in listing and "vault-01" in listing and "active" in listing
 
@@ -166,8 +172,17 @@ def test_crl_broken_file(state: Path) -> None:
     ok("crl", "--refresh", state=state)
 
 
-@pytest.mark.parametrize("cmd", [["list"], ["revoke", "x"], ["crl"], ["token", "list"],
-                                 ["token", "create"], ["issue", "h", "--out", "OUT"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["list"],
+        ["revoke", "x"],
+        ["crl"],
+        ["token", "list"],
+        ["token", "create"],
+        ["issue", "h", "--out", "OUT"],
+    ],
+)
 def test_uninitialised_errors(state: Path, tmp_path: Path, cmd: list[str]) -> None:
     out = tmp_path / "out"
     cmd = [str(out) if c == "OUT" else c for c in cmd]

@@ -90,8 +90,12 @@ class Server:
         ctx = ssl.create_default_context(cafile=str(self.store.ca_path))
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=10, context=ctx)
         try:
-            conn.request("POST", "/api/v1/enroll", body=body,
-                         headers={"Content-Type": "application/json", **(headers or {})})
+            conn.request(
+                "POST",
+                "/api/v1/enroll",
+                body=body,
+                headers={"Content-Type": "application/json", **(headers or {})},
+            )
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read())
         finally:
@@ -116,8 +120,9 @@ def test_enroll_success(server: Server, store: PKIStore, tmp_path: Path, caplog)
     token = store.create_token(timedelta(hours=1), 1)
     state = tmp_path / "sensor"
     caplog.set_level(logging.DEBUG)
-    host_id = sensor_enroll.enroll(f"127.0.0.1:{server.port}", token, _fp(store), state,
-                                   hostname="web-01")
+    host_id = sensor_enroll.enroll(
+        f"127.0.0.1:{server.port}", token, _fp(store), state, hostname="web-01"
+    )
     assert (state / "host_id").read_text().strip() == host_id
     assert stat.S_IMODE((state / "sensor.key").stat().st_mode) == 0o600
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
@@ -184,8 +189,9 @@ def test_ca_endpoint(server: Server, store: PKIStore) -> None:
         (b'{"token": "x", "csr": "garbage", "hostname": "a b"}', 400, "invalid hostname"),
     ],
 )
-def test_malformed_requests(server: Server, store: PKIStore, body: bytes, status: int,
-                            message: str) -> None:
+def test_malformed_requests(
+    server: Server, store: PKIStore, body: bytes, status: int, message: str
+) -> None:
     got_status, reply = server.post(body)
     assert got_status == status and message in reply["error"], reply
     assert store.certificates() == []
@@ -193,8 +199,9 @@ def test_malformed_requests(server: Server, store: PKIStore, body: bytes, status
 
 def test_oversized_body(server: Server, store: PKIStore, csr) -> None:
     token = store.create_token(timedelta(hours=1), 1)
-    body = json.dumps({"token": token, "csr": csr().decode() + " " * 8000,
-                       "hostname": "h"}).encode()
+    body = json.dumps(
+        {"token": token, "csr": csr().decode() + " " * 8000, "hostname": "h"}
+    ).encode()
     status, reply = server.post(body)
     assert status == 413 and "too large" in reply["error"]
     assert store.list_tokens()[0].uses_count == 0
@@ -204,8 +211,13 @@ def test_oversized_chunked_body(server: Server, store: PKIStore) -> None:
     """Without a Content-Length the streamed body is still cut off at the limit."""
     ctx = ssl.create_default_context(cafile=str(store.ca_path))
     conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=10, context=ctx)
-    conn.request("POST", "/api/v1/enroll", body=iter([b"x" * 3000, b"x" * 3000]),
-                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    conn.request(
+        "POST",
+        "/api/v1/enroll",
+        body=iter([b"x" * 3000, b"x" * 3000]),
+        headers={"Content-Type": "application/json"},
+        encode_chunked=True,
+    )
     resp = conn.getresponse()
     assert resp.status == 413
     conn.close()
@@ -239,9 +251,14 @@ def test_unreachable_controller(store: PKIStore, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("host", ("host", 8443)), ("host:9000", ("host", 9000)),
-     ("https://h.example:1/", ("h.example", 1)), ("[::1]:5", ("::1", 5)),
-     ("::1", ("::1", 8443)), ("10.0.0.1", ("10.0.0.1", 8443))],
+    [
+        ("host", ("host", 8443)),
+        ("host:9000", ("host", 9000)),
+        ("https://h.example:1/", ("h.example", 1)),
+        ("[::1]:5", ("::1", 5)),
+        ("::1", ("::1", 8443)),
+        ("10.0.0.1", ("10.0.0.1", 8443)),
+    ],
 )
 def test_parse_controller(value: str, expected: tuple[str, int]) -> None:
     assert sensor_enroll.parse_controller(value) == expected
@@ -267,18 +284,27 @@ def test_cli_main(server: Server, store: PKIStore, tmp_path: Path, capsys) -> No
     parser = argparse.ArgumentParser(prog="edr-sensor enroll")
     sensor_enroll.add_arguments(parser)
     token = store.create_token(timedelta(hours=1), 1)
-    base = ["--controller", f"127.0.0.1:{server.port}", "--ca-sha256", _fp(store),
-            "--state-dir", str(tmp_path / "s")]
+    base = [
+        "--controller",
+        f"127.0.0.1:{server.port}",
+        "--ca-sha256",
+        _fp(store),
+        "--state-dir",
+        str(tmp_path / "s"),
+    ]
     assert sensor_enroll.main(parser.parse_args([*base, "--token", token])) == 0
     assert "enrolled as host" in capsys.readouterr().out
     assert sensor_enroll.main(parser.parse_args([*base, "--token", token, "--force"])) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["edr-sensor enroll: error: controller refused enrollment (HTTP 403): "
-                   "invalid or expired token"]
+    assert err == [
+        "edr-sensor enroll: error: controller refused enrollment (HTTP 403): "
+        "invalid or expired token"
+    ]
     # The failed forced re-enrollment left the working identity untouched.
-    assert pki.host_id_of(x509.load_pem_x509_certificate(
-        (tmp_path / "s" / "sensor.pem").read_bytes())) == (tmp_path / "s" / "host_id"
-                                                           ).read_text().strip()
+    assert (
+        pki.host_id_of(x509.load_pem_x509_certificate((tmp_path / "s" / "sensor.pem").read_bytes()))
+        == (tmp_path / "s" / "host_id").read_text().strip()
+    )
     bad_fp = [*base[:3], "nothex", *base[4:], "--token", token]
     assert sensor_enroll.main(parser.parse_args(bad_fp)) == 1
     assert "64-hex" in capsys.readouterr().err

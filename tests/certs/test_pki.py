@@ -207,8 +207,10 @@ def test_crl_lists_revoked_serials(ca: pki.CertificateAuthority) -> None:
     assert crl.next_update_utc == T0 + timedelta(days=7)
     later = x509.load_pem_x509_crl(ca.crl([], now=T0 + timedelta(seconds=1)))
     num = x509.CRLNumber
-    assert (later.extensions.get_extension_for_class(num).value.crl_number
-            > crl.extensions.get_extension_for_class(num).value.crl_number)
+    assert (
+        later.extensions.get_extension_for_class(num).value.crl_number
+        > crl.extensions.get_extension_for_class(num).value.crl_number
+    )
 
 
 def test_host_id_of_refuses_mismatched_fields(ca: pki.CertificateAuthority) -> None:
@@ -236,8 +238,13 @@ def test_real_mutual_tls_handshake_over_loopback(tmp_path) -> None:
     ca = pki.CertificateAuthority.create()
     srv_cert, srv_key = ca.issue_server(["127.0.0.1"])
     cli_cert, cli_key = ca.issue_client("feedface00000001")
-    for name, data in [("ca.pem", ca.cert_pem), ("s.pem", srv_cert), ("s.key", srv_key),
-                       ("c.pem", cli_cert), ("c.key", cli_key)]:
+    for name, data in [
+        ("ca.pem", ca.cert_pem),
+        ("s.pem", srv_cert),
+        ("s.key", srv_key),
+        ("c.pem", cli_cert),
+        ("c.key", cli_key),
+    ]:
         (tmp_path / name).write_bytes(data)
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -263,8 +270,10 @@ def test_real_mutual_tls_handshake_over_loopback(tmp_path) -> None:
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
-    with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
-            cctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+    with (
+        socket.create_connection(listener.getsockname(), timeout=10) as raw,
+        cctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
         assert tls.recv(2) == b"ok"
     t.join(10)
     listener.close()

@@ -155,8 +155,15 @@ def test_token_expired_unknown_malformed_revoked(store: PKIStore) -> None:
         store.revoke_token("zz")
 
 
-@pytest.mark.parametrize(("ttl", "uses"), [(timedelta(0), 1), (timedelta(days=31), 1),
-                                           (timedelta(hours=1), 0), (timedelta(hours=1), 10**6)])
+@pytest.mark.parametrize(
+    ("ttl", "uses"),
+    [
+        (timedelta(0), 1),
+        (timedelta(days=31), 1),
+        (timedelta(hours=1), 0),
+        (timedelta(hours=1), 10**6),
+    ],
+)
 def test_token_create_limits(store: PKIStore, ttl: timedelta, uses: int) -> None:
     with pytest.raises(ValueError):
         store.create_token(ttl, uses)
@@ -198,10 +205,17 @@ def test_enroll_signs_records_and_verifies(store: PKIStore, csr) -> None:
     assert ca_pem == store.ca_path.read_bytes()
     [row] = store.certificates()
     assert (row.host_id, row.hostname, row.source, row.status) == (
-        host_id, "web-01", "enroll", "active")
-    verifier = (verification.PolicyBuilder()
-                .store(verification.Store([store.load_ca().cert]))
-                .time(datetime.now(UTC)).build_client_verifier())
+        host_id,
+        "web-01",
+        "enroll",
+        "active",
+    )
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store([store.load_ca().cert]))
+        .time(datetime.now(UTC))
+        .build_client_verifier()
+    )
     verifier.verify(cert, [])
 
 
@@ -257,7 +271,8 @@ def test_renewal_due() -> None:
     assert not renewal_due(cert, t0 + pki.VALIDITY_CLIENT - pki.RENEW_BEFORE - timedelta(hours=1))
     assert renewal_due(cert, t0 + pki.VALIDITY_CLIENT - pki.RENEW_BEFORE + timedelta(hours=1))
     short = x509.load_pem_x509_certificate(
-        ca.issue_client("h", now=t0, validity=timedelta(days=3))[0])
+        ca.issue_client("h", now=t0, validity=timedelta(days=3))[0]
+    )
     assert not renewal_due(short, t0 + timedelta(days=1))
     assert renewal_due(short, t0 + timedelta(days=2, hours=1))
 

@@ -74,9 +74,9 @@ def test_lower_roles_are_403(api, method, path, role, body):
 UNSAFE = [e for e in ENDPOINTS if e[0] != "GET"]
 
 
-@pytest.mark.parametrize(("method", "path", "role", "body"), UNSAFE, ids=[
-    f"{m} {p}" for m, p, _, _ in UNSAFE
-])
+@pytest.mark.parametrize(
+    ("method", "path", "role", "body"), UNSAFE, ids=[f"{m} {p}" for m, p, _, _ in UNSAFE]
+)
 def test_session_without_csrf_is_403(api, method, path, role, body):
     r = api.session_call(method, path, USER_OF[role], csrf=False, json={})
     assert r.status_code == 403, r.text
@@ -90,9 +90,7 @@ def test_session_without_csrf_is_403(api, method, path, role, body):
 
 def test_session_with_csrf_passes(api):
     api.add_host()
-    r = api.session_call(
-        "POST", "/api/v1/hosts/host-1/commands", "rex", json={"action": "isolate"}
-    )
+    r = api.session_call("POST", "/api/v1/hosts/host-1/commands", "rex", json={"action": "isolate"})
     assert r.status_code == 201, r.text
     assert r.json()["requested_by"] == "rex"
     assert api.session_call("GET", "/api/v1/hosts", "val", csrf=False).status_code == 200
@@ -101,27 +99,29 @@ def test_session_with_csrf_passes(api):
 BODIES = [e for e in ENDPOINTS if e[3]]
 
 
-@pytest.mark.parametrize(("method", "path", "role", "body"), BODIES, ids=[
-    f"{m} {p}" for m, p, _, _ in BODIES
-])
+@pytest.mark.parametrize(
+    ("method", "path", "role", "body"), BODIES, ids=[f"{m} {p}" for m, p, _, _ in BODIES]
+)
 def test_bad_json_is_400(api, method, path, role, body):
     api.add_host()
     user = USER_OF[role]
     for raw in (b"{not json", b"[1, 2]", b'"text"'):
-        r = api.call(method, path, user=user, content=raw,
-                     headers={"Content-Type": "application/json"})
+        r = api.call(
+            method, path, user=user, content=raw, headers={"Content-Type": "application/json"}
+        )
         assert r.status_code == 400, (raw, r.text)
         assert "JSON" in r.json()["error"]
 
 
-@pytest.mark.parametrize(("method", "path", "role", "body"), BODIES, ids=[
-    f"{m} {p}" for m, p, _, _ in BODIES
-])
+@pytest.mark.parametrize(
+    ("method", "path", "role", "body"), BODIES, ids=[f"{m} {p}" for m, p, _, _ in BODIES]
+)
 def test_oversized_body_is_413(api, method, path, role, body):
     api.add_host()
     big = b'{"x": "' + b"a" * (2 * 1024 * 1024) + b'"}'
-    r = api.call(method, path, user=USER_OF[role], content=big,
-                 headers={"Content-Type": "application/json"})
+    r = api.call(
+        method, path, user=USER_OF[role], content=big, headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 413, r.text[:200]
     assert r.json()["error"]
 
@@ -129,16 +129,24 @@ def test_oversized_body_is_413(api, method, path, role, body):
 def test_endpoint_limit_below_app_limit_is_413(api):
     api.add_host()
     # 100 KiB fits the app's 1 MiB limit but not a command's 64 KiB.
-    r = api.post("/api/v1/hosts/host-1/commands", user="rex",
-                 json={"action": "isolate", "args": {"pad": "a" * 100_000}})
+    r = api.post(
+        "/api/v1/hosts/host-1/commands",
+        user="rex",
+        json={"action": "isolate", "args": {"pad": "a" * 100_000}},
+    )
     assert r.status_code == 413
     assert "65536" in r.json()["error"]
 
 
 def test_non_json_content_type_is_415(api):
     api.add_host()
-    r = api.call("POST", "/api/v1/hosts/host-1/commands", user="rex",
-                 content=b'{"action": "isolate"}', headers={"Content-Type": "text/plain"})
+    r = api.call(
+        "POST",
+        "/api/v1/hosts/host-1/commands",
+        user="rex",
+        content=b'{"action": "isolate"}',
+        headers={"Content-Type": "text/plain"},
+    )
     assert r.status_code == 415
 
 

@@ -22,8 +22,11 @@ VALID = [
     ("block-port", {"port": 4444}, {"port": 4444, "protocol": "tcp"}),
     ("block-port", {"port": 53, "protocol": "udp"}, {"port": 53, "protocol": "udp"}),
     ("block-domain", {"domain": "Evil.Example.COM."}, {"domain": "evil.example.com"}),
-    ("unblock", {"kind": "block-port", "port": 9}, {"kind": "block-port", "port": 9,
-                                                    "protocol": "tcp"}),
+    (
+        "unblock",
+        {"kind": "block-port", "port": 9},
+        {"kind": "block-port", "port": 9, "protocol": "tcp"},
+    ),
     ("isolate", {}, {}),
     ("unisolate", {}, {}),
 ]
@@ -80,8 +83,9 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("action", "args", "message"), INVALID,
-                         ids=[f"{a}-{m[:20]}" for a, _, m in INVALID])
+@pytest.mark.parametrize(
+    ("action", "args", "message"), INVALID, ids=[f"{a}-{m[:20]}" for a, _, m in INVALID]
+)
 def test_invalid_arguments_are_400_with_a_clear_message(api, action, args, message):
     api.add_host()
     r = api.post(URL, {"action": action, "args": args}, user="rex")
@@ -101,11 +105,17 @@ def test_unknown_action_lists_the_known_ones(api):
     assert "isolate" in body["actions"]
 
 
-@pytest.mark.parametrize("body", [
-    {"args": {}}, {"action": "kill", "args": [1]}, {"action": "isolate", "extra": 1},
-    {"action": "isolate", "ttl": 0}, {"action": "isolate", "ttl": "60"},
-    {"action": "isolate", "ttl": 10**9},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"args": {}},
+        {"action": "kill", "args": [1]},
+        {"action": "isolate", "extra": 1},
+        {"action": "isolate", "ttl": 0},
+        {"action": "isolate", "ttl": "60"},
+        {"action": "isolate", "ttl": 10**9},
+    ],
+)
 def test_malformed_bodies_are_400(api, body):
     api.add_host()
     r = api.post(URL, body, user="rex")
@@ -142,8 +152,10 @@ def test_idempotency_key_returns_the_first_command(api):
 def test_idempotency_key_with_a_different_body_is_409(api):
     api.add_host()
     hdr = {"Idempotency-Key": "k-2"}
-    assert api.post(URL, {"action": "kill", "args": {"pid": 9}}, user="rex",
-                    headers=hdr).status_code == 201
+    assert (
+        api.post(URL, {"action": "kill", "args": {"pid": 9}}, user="rex", headers=hdr).status_code
+        == 201
+    )
     r = api.post(URL, {"action": "kill", "args": {"pid": 10}}, user="rex", headers=hdr)
     assert r.status_code == 409
     assert "idempotency key" in r.json()["error"]
@@ -176,14 +188,21 @@ def test_without_a_key_each_request_is_a_new_command(api):
 def test_unblock_by_command_id_resolves_the_block(api):
     api.add_host()
     api.add_host("host-2", "db-1")
-    block = api.post(URL, {"action": "block-ip", "args": {"address": "198.51.100.0/24"}},
-                     user="rex").json()
+    block = api.post(
+        URL, {"action": "block-ip", "args": {"address": "198.51.100.0/24"}}, user="rex"
+    ).json()
     r = api.post(URL, {"action": "unblock", "args": {"command_id": block["id"]}}, user="rex")
     assert r.status_code == 201, r.text
-    assert r.json()["args"] == {"kind": "block-ip", "address": "198.51.100.0/24",
-                                "command_id": block["id"]}
-    other = api.post("/api/v1/hosts/host-2/commands",
-                     {"action": "unblock", "args": {"command_id": block["id"]}}, user="rex")
+    assert r.json()["args"] == {
+        "kind": "block-ip",
+        "address": "198.51.100.0/24",
+        "command_id": block["id"],
+    }
+    other = api.post(
+        "/api/v1/hosts/host-2/commands",
+        {"action": "unblock", "args": {"command_id": block["id"]}},
+        user="rex",
+    )
     assert other.status_code == 400
     assert "is not a block on host host-2" in other.json()["error"]
     kill = api.post(URL, {"action": "kill", "args": {"pid": 3}}, user="rex").json()

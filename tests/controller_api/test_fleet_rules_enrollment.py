@@ -30,8 +30,13 @@ def _exec(pid, entity, parent, exe, ts):
         "@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".000000Z",
         "event": {"kind": "event", "category": ["process"], "type": ["start"], "action": "exec"},
         "host": {"id": "host-1"},
-        "process": {"pid": pid, "entity_id": entity, "executable": exe, "command_line": exe,
-                    "parent": {"pid": 1, "entity_id": parent}},
+        "process": {
+            "pid": pid,
+            "entity_id": entity,
+            "executable": exe,
+            "command_line": exe,
+            "parent": {"pid": 1, "entity_id": parent},
+        },
     }
 
 
@@ -82,10 +87,20 @@ def test_events_search_get_and_tree(api):
     assert [e["event"]["process"]["pid"] for e in hits] == [101]
     assert len(api.get("/api/v1/events?pid=102").json()["events"]) == 1
     assert len(api.get("/api/v1/events?executable=/usr/bin/nc").json()["events"]) == 1
-    assert api.get(f"/api/v1/events?since={now + 1.5}").json()["events"][0][
-        "event"]["process"]["pid"] == 102
-    for bad in ("pid=abc", "port=70000", "ip=not-an-ip", "since=later",
-                f"since={now + 5}&until={now}", "cursor=garbage", "q=%22unbalanced", "limit=5000"):
+    assert (
+        api.get(f"/api/v1/events?since={now + 1.5}").json()["events"][0]["event"]["process"]["pid"]
+        == 102
+    )
+    for bad in (
+        "pid=abc",
+        "port=70000",
+        "ip=not-an-ip",
+        "since=later",
+        f"since={now + 5}&until={now}",
+        "cursor=garbage",
+        "q=%22unbalanced",
+        "limit=5000",
+    ):
         r = api.get(f"/api/v1/events?{bad}")
         assert r.status_code == 400, (bad, r.text)
     event_id = hits[0]["id"]
@@ -114,8 +129,9 @@ def test_tree_of_a_process_just_ingested_is_found(api):
     tree = api.get("/api/v1/hosts/host-1/processes/C1").json()
     assert tree["process"]["entity_id"] == "C1"
     assert [a["entity_id"] for a in tree["ancestors"]][:1] == ["P"]
-    assert [c["entity_id"] for c in api.get("/api/v1/hosts/host-1/processes/P").json()[
-        "children"]] == ["C1"]
+    assert [
+        c["entity_id"] for c in api.get("/api/v1/hosts/host-1/processes/P").json()["children"]
+    ] == ["C1"]
     event_id = api.store.search_events(entity_id="C1").events[0].id
     assert api.store.ingest_batch("host-1", 3, [_exec(102, "C2", "C1", "/usr/bin/nc", now + 2)])
     children = api.get(f"/api/v1/events/{event_id}/tree").json()["children"]
@@ -137,8 +153,11 @@ def test_rules_list_enable_disable_reload(api):
     assert any("broken.yml" in p["path"] for p in report["problems"])
     listed = api.get("/api/v1/rules").json()
     assert any("broken.yml" in p["path"] for p in listed["problems"])
-    assert {e.action for e in api.store.list_audit()} >= {"rule.disable", "rule.enable",
-                                                         "rule.reload"}
+    assert {e.action for e in api.store.list_audit()} >= {
+        "rule.disable",
+        "rule.enable",
+        "rule.reload",
+    }
 
 
 def test_rule_upload(api):
@@ -147,32 +166,48 @@ def test_rule_upload(api):
     assert r.json()["filename"] == "curl-shell.yml"
     assert (api.rule_dir / "curl-shell.yml").read_text() == GOOD_RULE
     assert any(i.id == "6f1c6a36-6b0e-4f57-9d0f-0d7e1c2b3a41" for i in api.engine.rules)
-    assert api.engine.match({"event": {"action": "exec"},
-                             "process": {"command_line": "curl x | sh"}})
+    assert api.engine.match(
+        {"event": {"action": "exec"}, "process": {"command_line": "curl x | sh"}}
+    )
     again = api.post("/api/v1/rules", {"yaml": GOOD_RULE, "filename": "curl-shell"})
     assert again.status_code == 409 and "overwrite" in again.json()["error"]
-    assert api.post("/api/v1/rules", {"yaml": GOOD_RULE, "filename": "curl-shell",
-                                      "overwrite": True}).status_code == 201
+    assert (
+        api.post(
+            "/api/v1/rules", {"yaml": GOOD_RULE, "filename": "curl-shell", "overwrite": True}
+        ).status_code
+        == 201
+    )
     clash = api.post("/api/v1/rules", {"yaml": GOOD_RULE, "filename": "other"})
     assert clash.status_code == 409 and "already loaded" in clash.json()["error"]
     raw = GOOD_RULE.replace("6f1c6a36", "7f1c6a36").replace("Test Rule", "Raw Upload")
-    r = api.call("POST", "/api/v1/rules", content=raw.encode(),
-                 headers={"Content-Type": "application/yaml"})
+    r = api.call(
+        "POST", "/api/v1/rules", content=raw.encode(), headers={"Content-Type": "application/yaml"}
+    )
     assert r.status_code == 201, r.text
     assert r.json()["filename"] == "raw_upload_curl_to_shell.yml"
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ({"yaml": "title: [unclosed"}, "rule did not load"),
-    ({"yaml": "title: x\nlogsource: {product: windows}\ndetection: {s: {a: 1}, condition: s}\n"},
-     "rule did not load"),
-    ({"yaml": "just: a mapping\n"}, "rule did not load"),
-    ({"yaml": ""}, "must not be empty"),
-    ({"yaml": GOOD_RULE, "filename": "../../etc/passwd"}, "filename must be"),
-    ({"yaml": GOOD_RULE, "filename": "x.py"}, "filename must be"),
-    ({"yaml": GOOD_RULE, "overwrite": "yes"}, "overwrite must be"),
-    ({"rule": GOOD_RULE}, "unknown field"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"yaml": "title: [unclosed"}, "rule did not load"),
+        (
+            {
+                "yaml": (
+                    "title: x\nlogsource: {product: windows}\n"
+                    "detection: {s: {a: 1}, condition: s}\n"
+                )
+            },
+            "rule did not load",
+        ),
+        ({"yaml": "just: a mapping\n"}, "rule did not load"),
+        ({"yaml": ""}, "must not be empty"),
+        ({"yaml": GOOD_RULE, "filename": "../../etc/passwd"}, "filename must be"),
+        ({"yaml": GOOD_RULE, "filename": "x.py"}, "filename must be"),
+        ({"yaml": GOOD_RULE, "overwrite": "yes"}, "overwrite must be"),
+        ({"rule": GOOD_RULE}, "unknown field"),
+    ],
+)
 def test_bad_rule_uploads_are_400_and_write_nothing(api, body, message):
     r = api.post("/api/v1/rules", body)
     assert r.status_code == 400, r.text
@@ -204,8 +239,14 @@ def test_enrollment_tokens(api):
     assert r.status_code == 200 and r.json()["status"] == "revoked"
     assert api.post("/api/v1/enrollment/tokens/0badf00d/revoke").status_code == 404
     assert api.post("/api/v1/enrollment/tokens/not-hex/revoke").status_code == 400
-    for bad in ({"ttl": 0}, {"ttl": 10**9}, {"uses": 0}, {"uses": "2"}, {"comment": "a\x01"},
-                {"colour": 1}):
+    for bad in (
+        {"ttl": 0},
+        {"ttl": 10**9},
+        {"uses": 0},
+        {"uses": "2"},
+        {"comment": "a\x01"},
+        {"colour": 1},
+    ):
         assert api.post("/api/v1/enrollment/tokens", bad).status_code == 400, bad
 
 

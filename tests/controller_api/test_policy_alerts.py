@@ -10,8 +10,13 @@ pytestmark = pytest.mark.timeout(60)
 HASH = "ab" * 32
 EVENT = {
     "event": {"action": "exec", "category": ["process"]},
-    "process": {"pid": 321, "entity_id": "E1", "executable": "/tmp/dropper",
-                "command_line": "/tmp/dropper --run *", "hash": {"sha256": HASH.upper()}},
+    "process": {
+        "pid": 321,
+        "entity_id": "E1",
+        "executable": "/tmp/dropper",
+        "command_line": "/tmp/dropper --run *",
+        "hash": {"sha256": HASH.upper()},
+    },
 }
 
 
@@ -21,10 +26,14 @@ def test_policy_put_get_history_and_notify(api):
     api.backplane.connected = {"host-3"}  # connected but not yet in the store: told too
     r = api.get("/api/v1/policy", user="val")
     assert r.status_code == 200 and r.json()["version"] is None
-    doc = {"deny": {"hashes": [HASH.upper()], "executables": ["/tmp//x/./y"]},
-           "watch_paths": ["/etc", "/etc"],
-           "responses": {"quarantine_on_denied_hash": True,
-                         "hold_suspicious_exec": {"enabled": True, "patterns": ["*curl*|*sh"]}}}
+    doc = {
+        "deny": {"hashes": [HASH.upper()], "executables": ["/tmp//x/./y"]},
+        "watch_paths": ["/etc", "/etc"],
+        "responses": {
+            "quarantine_on_denied_hash": True,
+            "hold_suspicious_exec": {"enabled": True, "patterns": ["*curl*|*sh"]},
+        },
+    }
     r = api.call("PUT", "/api/v1/policy", json={"document": doc, "comment": "first"})
     assert r.status_code == 201, r.text
     v1 = r.json()
@@ -53,24 +62,32 @@ def test_policy_put_get_history_and_notify(api):
     assert one["policy_version"] == 2 and one["current"]
     assert api.get("/api/v1/hosts/ghost/policy", user="val").status_code == 404
     assert [e.action for e in api.store.list_audit(action="policy.update")] == [
-        "policy.update", "policy.update"]
+        "policy.update",
+        "policy.update",
+    ]
 
 
-@pytest.mark.parametrize(("document", "message"), [
-    ([], "document must be an object"),
-    ({"allow": {"hashes": ["abc"]}}, "allow.hashes[0] must be a SHA-256 hash"),
-    ({"deny": {"executables": ["bin/sh"]}}, "is not an absolute path"),
-    ({"deny": {"paths": ["/etc/../root"]}}, "must not contain '..'"),
-    ({"deny": {"paths": "/etc"}}, "deny.paths must be an array"),
-    ({"deny": {"command_lines": ["ok", "bad\x00"]}}, "deny.command_lines[1] must not contain"),
-    ({"deny": {"colours": []}}, "unknown key(s) colours"),
-    ({"allowed": {}}, "unknown key(s) allowed"),
-    ({"watch_paths": [""]}, "watch_paths[0] must be 1 to"),
-    ({"responses": {"quarantine_on_denied_hash": "yes"}}, "must be true or false"),
-    ({"responses": {"hold_suspicious_exec": {"enabled": True}}}, "has no patterns"),
-    ({"responses": {"hold_suspicious_exec": {"patterns": [5]}}}, "patterns[0] must be a string"),
-    ({"allow": {"paths": ["/x"] * 10_001}}, "the limit is 10000"),
-])
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ([], "document must be an object"),
+        ({"allow": {"hashes": ["abc"]}}, "allow.hashes[0] must be a SHA-256 hash"),
+        ({"deny": {"executables": ["bin/sh"]}}, "is not an absolute path"),
+        ({"deny": {"paths": ["/etc/../root"]}}, "must not contain '..'"),
+        ({"deny": {"paths": "/etc"}}, "deny.paths must be an array"),
+        ({"deny": {"command_lines": ["ok", "bad\x00"]}}, "deny.command_lines[1] must not contain"),
+        ({"deny": {"colours": []}}, "unknown key(s) colours"),
+        ({"allowed": {}}, "unknown key(s) allowed"),
+        ({"watch_paths": [""]}, "watch_paths[0] must be 1 to"),
+        ({"responses": {"quarantine_on_denied_hash": "yes"}}, "must be true or false"),
+        ({"responses": {"hold_suspicious_exec": {"enabled": True}}}, "has no patterns"),
+        (
+            {"responses": {"hold_suspicious_exec": {"patterns": [5]}}},
+            "patterns[0] must be a string",
+        ),
+        ({"allow": {"paths": ["/x"] * 10_001}}, "the limit is 10000"),
+    ],
+)
 def test_invalid_policy_is_400_and_stores_nothing(api, document, message):
     r = api.call("PUT", "/api/v1/policy", json={"document": document})
     assert r.status_code == 400, r.text
@@ -89,8 +106,11 @@ def test_policy_put_needs_document(api):
 def _alert(api, **kw):
     api.add_host()
     return api.store.create_alert(
-        rule_id=kw.get("rule_id", "r-1"), rule_name="Exec from /tmp",
-        severity=kw.get("severity", "high"), host_id="host-1", event=kw.get("event", EVENT),
+        rule_id=kw.get("rule_id", "r-1"),
+        rule_name="Exec from /tmp",
+        severity=kw.get("severity", "high"),
+        host_id="host-1",
+        event=kw.get("event", EVENT),
         ancestry=[{"executable": "/bin/bash", "pid": 300}],
     )
 
@@ -101,10 +121,12 @@ def test_alert_list_filter_get(api):
     listed = api.get("/api/v1/alerts", user="val").json()
     assert [x["id"] for x in listed["alerts"]] == [b.id, a.id]
     assert listed["next_before_id"] is None
-    assert [x["id"] for x in api.get("/api/v1/alerts?severity=high", user="val").json()[
-        "alerts"]] == [a.id]
-    assert [x["id"] for x in api.get("/api/v1/alerts?rule=r-2", user="val").json()[
-        "alerts"]] == [b.id]
+    assert [
+        x["id"] for x in api.get("/api/v1/alerts?severity=high", user="val").json()["alerts"]
+    ] == [a.id]
+    assert [x["id"] for x in api.get("/api/v1/alerts?rule=r-2", user="val").json()["alerts"]] == [
+        b.id
+    ]
     page = api.get("/api/v1/alerts?limit=1", user="val").json()
     assert page["next_before_id"] == b.id
     after = api.get(f"/api/v1/alerts?limit=1&before_id={b.id}", user="val").json()
@@ -120,8 +142,12 @@ def test_alert_list_filter_get(api):
 
 def test_alert_triage_and_comments(api):
     a = _alert(api)
-    r = api.call("PATCH", f"/api/v1/alerts/{a.id}", user="rex",
-                 json={"status": "acknowledged", "assignee": "rex"})
+    r = api.call(
+        "PATCH",
+        f"/api/v1/alerts/{a.id}",
+        user="rex",
+        json={"status": "acknowledged", "assignee": "rex"},
+    )
     assert r.status_code == 200, r.text
     assert (r.json()["status"], r.json()["assignee"]) == ("acknowledged", "rex")
     assert api.live.items[-1][0] == "alert"
@@ -132,8 +158,10 @@ def test_alert_triage_and_comments(api):
     for bad in ({"status": "done"}, {}, {"owner": "x"}, {"assignee": 5}):
         r = api.call("PATCH", f"/api/v1/alerts/{a.id}", user="rex", json=bad)
         assert r.status_code == 400, bad
-    assert api.call("PATCH", "/api/v1/alerts/999", user="rex",
-                    json={"status": "resolved"}).status_code == 404
+    assert (
+        api.call("PATCH", "/api/v1/alerts/999", user="rex", json={"status": "resolved"}).status_code
+        == 404
+    )
     r = api.post(f"/api/v1/alerts/{a.id}/comments", {"text": "looking"}, user="rex")
     assert r.status_code == 201 and r.json()["author"].endswith("rex-token")
     assert api.get(f"/api/v1/alerts/{a.id}").json()["comments"][0]["text"] == "looking"

@@ -83,7 +83,9 @@ class LiveServer:
         try:
             self._server = self.loop.run_until_complete(
                 self.app.create_server(
-                    host="127.0.0.1", port=self.port, return_asyncio_server=True,
+                    host="127.0.0.1",
+                    port=self.port,
+                    return_asyncio_server=True,
                     access_log=False,
                 )
             )

@@ -494,7 +494,6 @@ def test_audit_endpoint_filters_and_pages(api: Api) -> None:
         assert "error" in r.json()
 
 
-
 def test_session_endpoint_answers_without_an_error_status(api: Api) -> None:
     """A console's first visit asks whether there is a session; "no" is not an error."""
     r = api.request("GET", "/api/v1/auth/session")

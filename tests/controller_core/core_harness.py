@@ -65,15 +65,23 @@ def enter_netns(name: str) -> None:
 class Controller:
     """``create_app`` served for real over HTTPS on 127.0.0.1, on its own loop thread."""
 
-    def __init__(self, config: ControllerConfig, *, intervals: Intervals | None = None,
-                 netns: str | None = None) -> None:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        *,
+        intervals: Intervals | None = None,
+        netns: str | None = None,
+    ) -> None:
         """``netns``: run the loop thread in that network namespace, so the backplane listens
         there while the HTTPS socket (made here, before the thread starts) stays on the
         machine's loopback."""
         self.config = config
         self.pki = ensure_pki(config)
-        self.app = create_app(config, intervals=intervals or Intervals(
-            index_idle=0.2, checkpoint=1, commands=0.2, retention=1, crl=1))
+        self.app = create_app(
+            config,
+            intervals=intervals
+            or Intervals(index_idle=0.2, checkpoint=1, commands=0.2, retention=1, crl=1),
+        )
         # Sanic's touch-up rewrites class methods once per process; a second app in the same
         # process trips over it, so tests (many apps per process) turn it off.
         self.app.config.TOUCHUP = False
@@ -100,9 +108,10 @@ class Controller:
 
     async def _start(self) -> Any:
         server = await self.app.create_server(
-            sock=self.sock, ssl={"cert": str(self.pki.server_cert_path),
-                                 "key": str(self.pki.server_key_path)},
-            return_asyncio_server=True, access_log=False,
+            sock=self.sock,
+            ssl={"cert": str(self.pki.server_cert_path), "key": str(self.pki.server_key_path)},
+            return_asyncio_server=True,
+            access_log=False,
         )
         assert server is not None
         await server.startup()
@@ -168,8 +177,9 @@ class Controller:
 class Sensor:
     """A real sensor-side ``BackplaneClient`` + durable ``Outbox``, enrolled offline."""
 
-    def __init__(self, ctl: Controller, dir: Path, hostname: str = "sensor-01",
-                 policy_version: int = -1) -> None:
+    def __init__(
+        self, ctl: Controller, dir: Path, hostname: str = "sensor-01", policy_version: int = -1
+    ) -> None:
         dir.mkdir(parents=True, exist_ok=True)
         self.host_id, cert, key = ctl.pki.issue_offline(hostname)
         self.cred = dir / "client.pem"
@@ -179,15 +189,35 @@ class Sensor:
         self.policy_version = policy_version
         self.commands: list[Command] = []
         self.policies: list[tuple[int, dict[str, Any]]] = []
-        cfg = ClientConfig(ctl.backplane_endpoint, "localhost", ctl.pki.ca_path, self.cred,
-                           heartbeat_interval=0.5, dead_after=5.0, backoff_min=0.05,
-                           backoff_max=0.5)
-        self.client = BackplaneClient(cfg, self.outbox, hello=self._hello,
-                                      on_command=self._on_command, on_policy=self._on_policy)
+        cfg = ClientConfig(
+            ctl.backplane_endpoint,
+            "localhost",
+            ctl.pki.ca_path,
+            self.cred,
+            heartbeat_interval=0.5,
+            dead_after=5.0,
+            backoff_min=0.05,
+            backoff_max=0.5,
+        )
+        self.client = BackplaneClient(
+            cfg,
+            self.outbox,
+            hello=self._hello,
+            on_command=self._on_command,
+            on_policy=self._on_policy,
+        )
 
     def _hello(self) -> Hello:
-        return Hello(PROTOCOL_VERSION, "0.1.0-test", self.hostname, "Debian 12",
-                     os.uname().release, {"process": "fallback"}, ["kill"], self.policy_version)
+        return Hello(
+            PROTOCOL_VERSION,
+            "0.1.0-test",
+            self.hostname,
+            "Debian 12",
+            os.uname().release,
+            {"process": "fallback"},
+            ["kill"],
+            self.policy_version,
+        )
 
     def _on_command(self, cmd: Command) -> CommandResult:
         self.commands.append(cmd)
@@ -213,9 +243,13 @@ class Stream:
 
     def __init__(self, ctl: Controller, token: str, query: str = "") -> None:
         url = f"wss://127.0.0.1:{ctl.port}/api/v1/stream{query}"
-        self.ws = ws_client.connect(url, ssl=ctl.ssl_context(), server_hostname="localhost",
-                                    additional_headers={"Authorization": f"Bearer {token}"},
-                                    open_timeout=10)
+        self.ws = ws_client.connect(
+            url,
+            ssl=ctl.ssl_context(),
+            server_hostname="localhost",
+            additional_headers={"Authorization": f"Bearer {token}"},
+            open_timeout=10,
+        )
         self.messages: queue.Queue[dict[str, Any]] = queue.Queue()
         hello = orjson.loads(self.ws.recv(timeout=10))
         assert hello["kind"] == "hello", hello
@@ -230,8 +264,7 @@ class Stream:
         except Exception:  # noqa: S110 - closed at the end of the test
             pass
 
-    def next(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0
-             ) -> dict[str, Any]:
+    def next(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()

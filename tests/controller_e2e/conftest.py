@@ -63,9 +63,24 @@ class RealSensor:
     def start(self) -> RealSensor:
         port = self.ctl.backplane_endpoint.rsplit(":", 1)[1]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sensor.cli", "run", "--mode", "fallback", "--families",
-             "process", "--state-dir", str(self.state), "--controller", f"localhost:{port}"],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "sensor.cli",
+                "run",
+                "--mode",
+                "fallback",
+                "--families",
+                "process",
+                "--state-dir",
+                str(self.state),
+                "--controller",
+                f"localhost:{port}",
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stderr is not None
         for line in self.proc.stderr:  # ends if the sensor exits; the test timeout bounds it

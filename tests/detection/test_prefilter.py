@@ -116,28 +116,68 @@ def brute_force(engine: DetectionEngine, event: Mapping[str, Any]) -> list[str]:
 
 def random_events(ev: Any, n: int, seed: int) -> list[dict[str, Any]]:
     rnd = random.Random(seed)
-    images = ["/usr/bin/nc", "/usr/bin/ls", "/tmp/ax1/payload", "/tmp/x/payload",
-              "/usr/bin/curl", "/usr/bin/bash", "/usr/bin/NCAT", "/bin/socat"]
-    pieces = ["curl ", "| sh", "base64 -d", "python3 -c import socket", "mimikatz",
-              "linpeas", "SECRET", "secret", "ärger", "ÄRGER", "\udcff", "/dev/tcp/1.2.3.4/9",
-              "-la", "--no-check-certificate", "wget", "chmod +x /tmp/x", " "]
+    images = [
+        "/usr/bin/nc",
+        "/usr/bin/ls",
+        "/tmp/ax1/payload",
+        "/tmp/x/payload",
+        "/usr/bin/curl",
+        "/usr/bin/bash",
+        "/usr/bin/NCAT",
+        "/bin/socat",
+    ]
+    pieces = [
+        "curl ",
+        "| sh",
+        "base64 -d",
+        "python3 -c import socket",
+        "mimikatz",
+        "linpeas",
+        "SECRET",
+        "secret",
+        "ärger",
+        "ÄRGER",
+        "\udcff",
+        "/dev/tcp/1.2.3.4/9",
+        "-la",
+        "--no-check-certificate",
+        "wget",
+        "chmod +x /tmp/x",
+        " ",
+    ]
     parents = ["/usr/lib/systemd/systemd", "/usr/bin/bash", "/usr/bin/SYSTEMD"]
-    files = ["/etc/cron.d/x", "/var/spool/cron/root", "/home/a/x", "/etc/ld.so.preload",
-             "/root/.ssh/authorized_keys", "/etc/CRON.d/y"]
+    files = [
+        "/etc/cron.d/x",
+        "/var/spool/cron/root",
+        "/home/a/x",
+        "/etc/ld.so.preload",
+        "/root/.ssh/authorized_keys",
+        "/etc/CRON.d/y",
+    ]
     out: list[dict[str, Any]] = []
     for _ in range(n):
         kind = rnd.random()
         cmd = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 5)))
         user = rnd.choice(["root", "alice", "ROOT"])
         if kind < 0.6:
-            out.append(ev.exec(rnd.choice(images), cmd or "x", user=user,
-                               parent_image=rnd.choice(parents)))
+            out.append(
+                ev.exec(rnd.choice(images), cmd or "x", user=user, parent_image=rnd.choice(parents))
+            )
         elif kind < 0.85:
-            out.append(ev.file(rnd.choice(files), rnd.choice(
-                [Action.FILE_WRITE, Action.FILE_CREATE, Action.FILE_RENAME])))
+            out.append(
+                ev.file(
+                    rnd.choice(files),
+                    rnd.choice([Action.FILE_WRITE, Action.FILE_CREATE, Action.FILE_RENAME]),
+                )
+            )
         else:
-            out.append(ev.net(rnd.choice(["203.0.113.7", "198.51.100.1", "::ffff:203.0.113.9"]),
-                              rnd.choice([22, 4444, 443]), image=rnd.choice(images)))
+            out.append(
+                ev.net(
+                    rnd.choice(["203.0.113.7", "198.51.100.1", "::ffff:203.0.113.9"]),
+                    rnd.choice([22, 4444, 443]),
+                    image=rnd.choice(images),
+                )
+            )
     return out
 
 
@@ -182,14 +222,18 @@ def _guard(body: str) -> frozenset[tuple[str, str]] | None:
 
 def test_guard_derivation() -> None:
     assert _guard(RULES["contains_all"]) in (
-        frozenset({("CommandLine", "curl ")}), frozenset({("CommandLine", "| sh")}))
+        frozenset({("CommandLine", "curl ")}),
+        frozenset({("CommandLine", "| sh")}),
+    )
     assert _guard(RULES["endswith_list_not"]) == frozenset(
-        {("Image", "/nc"), ("Image", "/ncat"), ("Image", "/socat")})
+        {("Image", "/nc"), ("Image", "/ncat"), ("Image", "/socat")}
+    )
     assert _guard(RULES["not_only"]) is None
     assert _guard(RULES["one_of"]) is None  # the regex branch has no literal guard
     assert _guard(RULES["cased"]) is None
     assert _guard(RULES["keywords"]) == frozenset(
-        (f, w) for f in KEYWORD_FIELDS for w in ("mimikatz", "linpeas"))
+        (f, w) for f in KEYWORD_FIELDS for w in ("mimikatz", "linpeas")
+    )
     # Wildcards split a value; the longest literal piece is the needle.
     assert _guard(RULES["glob_single"]) == frozenset({("Image", "/tmp/")})
     assert _guard(RULES["net"]) == frozenset({("Initiated", "true")})

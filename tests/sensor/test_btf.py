@@ -24,8 +24,15 @@ class Blob:
         self.strings += text.encode() + b"\0"
         return off
 
-    def add(self, name: str, kind: int, vlen: int, size_or_type: int, extra: bytes = b"",
-            kind_flag: bool = False) -> int:
+    def add(
+        self,
+        name: str,
+        kind: int,
+        vlen: int,
+        size_or_type: int,
+        extra: bytes = b"",
+        kind_flag: bool = False,
+    ) -> int:
         info = (int(kind_flag) << 31) | (kind << 24) | vlen
         self.types += struct.pack("<III", self.name(name) if name else 0, info, size_or_type)
         self.types += extra
@@ -35,16 +42,26 @@ class Blob:
     def int_(self, name: str, size: int) -> int:
         return self.add(name, btf.KIND_INT, 0, size, struct.pack("<I", size * 8))
 
-    def struct_(self, name: str, size: int, members: list[tuple[str, int, int]],
-                kind: int = btf.KIND_STRUCT) -> int:
+    def struct_(
+        self, name: str, size: int, members: list[tuple[str, int, int]], kind: int = btf.KIND_STRUCT
+    ) -> int:
         extra = b"".join(
             struct.pack("<III", self.name(m) if m else 0, t, bits) for m, t, bits in members
         )
         return self.add(name, kind, len(members), size, extra)
 
     def bytes(self, magic: int = btf.BTF_MAGIC, version: int = 1) -> bytes:
-        hdr = struct.pack("<HBBIIIII", magic, version, 0, 24, 0, len(self.types),
-                          len(self.types), len(self.strings))
+        hdr = struct.pack(
+            "<HBBIIIII",
+            magic,
+            version,
+            0,
+            24,
+            0,
+            len(self.types),
+            len(self.types),
+            len(self.strings),
+        )
         return hdr + self.types + self.strings
 
 
@@ -54,12 +71,16 @@ def task_like() -> Blob:
     kuid = b.struct_("", 4, [("val", u32, 0)])
     kuid_t = b.add("kuid_t", btf.KIND_TYPEDEF, 0, kuid)
     anon = b.struct_("", 8, [("tgid", u32, 0), ("pid", u32, 32)], kind=btf.KIND_UNION)
-    b.struct_("task_struct", 64, [
-        ("state", u32, 0),
-        ("", anon, 64),  # an anonymous union: its members count as the struct's own
-        ("loginuid", kuid_t, 8 * 40),
-        ("sessionid", u32, 8 * 44),
-    ])
+    b.struct_(
+        "task_struct",
+        64,
+        [
+            ("state", u32, 0),
+            ("", anon, 64),  # an anonymous union: its members count as the struct's own
+            ("loginuid", kuid_t, 8 * 40),
+            ("sessionid", u32, 8 * 44),
+        ],
+    )
     return b
 
 
@@ -152,8 +173,9 @@ def test_the_running_kernel_has_every_offset_group() -> None:
         "EDR_MM_ARG_START_OFF": btf_here.member("mm_struct", "arg_start")[0],
         "EDR_MM_ARG_END_OFF": btf_here.member("mm_struct", "arg_end")[0],
     }
-    assert btf_here.member("mm_struct", "arg_end")[0] == btf_here.member(
-        "mm_struct", "arg_start"
-    )[0] + 8  # adjacent in every kernel: a cross-check of the walk
+    assert (
+        btf_here.member("mm_struct", "arg_end")[0]
+        == btf_here.member("mm_struct", "arg_start")[0] + 8
+    )  # adjacent in every kernel: a cross-check of the walk
     # sessionid follows loginuid in every kernel that has both: a cross-check of the walk
     assert btf_here.member("task_struct", "sessionid") == (loginuid[0] + 4, 4)

@@ -96,8 +96,16 @@ def t0() -> float:
 # restores the old table exactly).
 _UNDO: dict[int, tuple[str, ...]] = {
     5: ("DELETE FROM store_state WHERE key = 'process_watermark'",),
-    4: tuple(f"ALTER TABLE events DROP COLUMN {col}" for col in (
-        "parent_entity_id", "ppid", "parent_executable", "parent_command_line", "exit_code")),
+    4: tuple(
+        f"ALTER TABLE events DROP COLUMN {col}"
+        for col in (
+            "parent_entity_id",
+            "ppid",
+            "parent_executable",
+            "parent_command_line",
+            "exit_code",
+        )
+    ),
     3: ("DELETE FROM store_state WHERE key = 'detect_watermark'",),
 }
 
@@ -110,8 +118,10 @@ def _undo_process_file(conn: sqlite3.Connection, path: Path) -> None:
     for statement in PROCESS_FILE_SCHEMA[:3]:  # the table and indexes, as migration 1 made them
         conn.execute(statement.replace(" IF NOT EXISTS", ""))
     conn.execute("INSERT INTO main.processes SELECT * FROM proc.processes")
-    conn.execute("INSERT INTO store_state (key, value) SELECT 'process_watermark', value"
-                 " FROM proc.process_state WHERE key = 'process_watermark'")
+    conn.execute(
+        "INSERT INTO store_state (key, value) SELECT 'process_watermark', value"
+        " FROM proc.process_state WHERE key = 'process_watermark'"
+    )
     conn.commit()
     conn.execute("DETACH DATABASE proc")
     for suffix in ("", "-wal", "-shm"):

@@ -367,15 +367,18 @@ def test_process_tree_survives_a_cycle(store: SQLiteStore, make_ev, t0: float) -
     assert [a.entity_id for a in store.process_tree("host-a", "x").ancestors] == ["y"]
 
 
-def test_process_table_folds_on_its_own_watermark(store: SQLiteStore, make_ev,
-                                                  t0: float) -> None:
+def test_process_table_folds_on_its_own_watermark(store: SQLiteStore, make_ev, t0: float) -> None:
     """Full text can run ahead of the process table (the maintenance loop folds processes in
     larger batches); the backlog counts until both have seen every event."""
-    store.ingest_batch("host-a", 1, [
-        make_ev(Action.EXEC, t0, pid=2, entity="p", exe="/bin/sh"),
-        make_ev(Action.EXEC, t0 + 1, pid=3, entity="c", cmd="findme", parent=(2, "p")),
-        make_ev(Action.EXIT, t0 + 2, pid=3, entity="c", exit_code=4),
-    ])
+    store.ingest_batch(
+        "host-a",
+        1,
+        [
+            make_ev(Action.EXEC, t0, pid=2, entity="p", exe="/bin/sh"),
+            make_ev(Action.EXEC, t0 + 1, pid=3, entity="c", cmd="findme", parent=(2, "p")),
+            make_ev(Action.EXIT, t0 + 2, pid=3, entity="c", exit_code=4),
+        ],
+    )
     assert store.index_pending(processes=False) == 3
     assert len(store.search_events(text="findme").events) == 1
     with pytest.raises(NotFound):
@@ -398,8 +401,11 @@ def test_indexer_reads_only_its_id_range(store: SQLiteStore, make_ev, t0: float)
     store.ingest_batch("host-a", 1, [make_ev(Action.EXEC, t0 + i, pid=i) for i in range(50)])
     store._writer.execute("ANALYZE")  # statistics must not tempt the planner either
     # full text runs on the store's writer, the process table on the process file's
-    for conn, sql in ((store._writer, S._FTS_INSERT), (store._proc, S._STUB_PROCESSES),
-                      (store._proc, S._UPSERT_PROCESSES)):
+    for conn, sql in (
+        (store._writer, S._FTS_INSERT),
+        (store._proc, S._STUB_PROCESSES),
+        (store._proc, S._UPSERT_PROCESSES),
+    ):
         assert conn is not None
         plan = [r[-1] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", (0, 10))]
         assert plan == ["SEARCH events USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"], sql
