@@ -50,6 +50,15 @@ def read_json(proc: subprocess.Popen[str], key: str, timeout: float = 20) -> dic
     raise AssertionError(f"timed out waiting for {key}")
 
 
+def harness_sensor(pki: Pki, outbox: Path, endpoint: str, host: str, *args: str) -> list[str]:
+    """bp_harness.py's ``sensor`` command: its identity, outbox and controller, then ``args``."""
+    return [
+        *("sensor", "--pki", str(pki.dir), "--outbox", str(outbox)),
+        *("--endpoint", endpoint, "--host", host),
+        *args,
+    ]
+
+
 def kill9(proc: subprocess.Popen[str]) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(5)
@@ -83,23 +92,10 @@ def test_controller_kill9_loses_nothing(tmp_path: Path, pki: Pki, procs: list) -
     procs.append(c)
     read_json(c, "endpoint")
     total = 100_000
-    s = spawn(
-        [
-            "sensor",
-            "--pki",
-            str(pki.dir),
-            "--outbox",
-            str(tmp_path / "ob.db"),
-            "--endpoint",
-            endpoint,
-            "--host",
-            host,
-            "--events",
-            str(total),
-            "--exit-when-empty",
-        ],
-        log,
+    sensor = harness_sensor(
+        pki, tmp_path / "ob.db", endpoint, host, "--events", str(total), "--exit-when-empty"
     )
+    s = spawn(sensor, log)
     procs.append(s)
     read_json(s, "started", timeout=60)
     # Kill the controller twice mid-stream.
@@ -134,20 +130,9 @@ def test_sensor_kill9_outbox_delivered_after_restart(tmp_path: Path, pki: Pki, p
     db, log = tmp_path / "store.db", tmp_path / "log.txt"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     total = 20_000
-    sensor = [
-        "sensor",
-        "--pki",
-        str(pki.dir),
-        "--outbox",
-        str(tmp_path / "ob.db"),
-        "--endpoint",
-        endpoint,
-        "--host",
-        host,
-        "--events",
-        str(total),
-        "--exit-when-empty",
-    ]
+    sensor = harness_sensor(
+        pki, tmp_path / "ob.db", endpoint, host, "--events", str(total), "--exit-when-empty"
+    )
     # The sensor writes its outbox while the controller is down, then dies.
     s = spawn(sensor, log)
     procs.append(s)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from bp_harness import Pki, wait_for
-from test_crash import count, read_json, spawn
+from test_crash import count, harness_sensor, read_json, spawn
 
 PARTITION = float(os.environ.get("EDR_PARTITION_SECONDS", "60"))
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120 + PARTITION)]
@@ -91,15 +91,10 @@ def test_partition_loses_nothing_and_command_arrives(
         read_json(c, "endpoint")
         first = 5000
         s = spawn(
-            [
-                "sensor",
-                "--pki",
-                str(pki.dir),
-                "--outbox",
-                str(tmp_path / "ob.db"),
-                "--endpoint",
+            harness_sensor(
+                pki,
+                tmp_path / "ob.db",
                 endpoint,
-                "--host",
                 host,
                 "--server-name",
                 "10.77.0.1",
@@ -107,7 +102,7 @@ def test_partition_loses_nothing_and_command_arrives(
                 str(first),
                 "--dead-after",
                 "3",
-            ],
+            ),
             log,
             prefix=["ip", "netns", "exec", sens_ns],
         )

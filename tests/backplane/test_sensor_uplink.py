@@ -23,6 +23,7 @@ from bp_harness import Pki, ServerThread, wait_for
 from bp_sqlite_hooks import SqliteHooks
 
 from sensor.uplink import UplinkError, ensure_credentials, parse_controller
+from tests.sensor_cmd import fallback_sensor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,20 +88,7 @@ def start_sensor(state: Path, endpoint: str) -> subprocess.Popen[str]:
     """Start the sensor and return once it captures (its log line says so)."""
     port = endpoint.rsplit(":", 1)[1]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sensor.cli",
-            "run",
-            "--mode",
-            "fallback",
-            "--families",
-            "process",
-            "--state-dir",
-            str(state),
-            "--controller",
-            f"localhost:{port}",
-        ],
+        fallback_sensor("--state-dir", str(state), "--controller", f"localhost:{port}"),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -29,6 +29,7 @@ from core_harness import wait_for  # noqa: E402
 
 from controller.config import ControllerConfig  # noqa: E402
 from controller.maintenance import Intervals  # noqa: E402
+from tests.sensor_cmd import fallback_sensor  # noqa: E402
 
 # Cheap argon2 parameters: verification reads them from the hash, so logins stay real.
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
@@ -118,20 +119,14 @@ class SensorProcess:
             self.proc = subprocess.Popen(
                 [
                     *prefix,
-                    sys.executable,
-                    "-m",
-                    "sensor.cli",
-                    "run",
-                    "--mode",
-                    "fallback",
-                    "--families",
-                    "process",
-                    "--state-dir",
-                    str(state),
-                    "--stats-interval",
-                    "0",
-                    "--controller",
-                    ctl.backplane_address,
+                    *fallback_sensor(
+                        "--state-dir",
+                        str(state),
+                        "--stats-interval",
+                        "0",
+                        "--controller",
+                        ctl.backplane_address,
+                    ),
                 ],
                 cwd=REPO,
                 stdout=subprocess.DEVNULL,

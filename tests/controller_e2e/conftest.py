@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "controller_core
 
 from core_harness import Controller, make_config
 
+from tests.sensor_cmd import fallback_sensor
+
 REPO = Path(__file__).resolve().parents[2]
 CANARY = "edr-e2e-canary"
 RULE_ID = "7d1c3a52-6f0e-4c59-9d55-0c2f3b8e6a11"
@@ -63,20 +65,7 @@ class RealSensor:
     def start(self) -> RealSensor:
         port = self.ctl.backplane_endpoint.rsplit(":", 1)[1]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sensor.cli",
-                "run",
-                "--mode",
-                "fallback",
-                "--families",
-                "process",
-                "--state-dir",
-                str(self.state),
-                "--controller",
-                f"localhost:{port}",
-            ],
+            fallback_sensor("--state-dir", str(self.state), "--controller", f"localhost:{port}"),
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from backplane.systemd import notify
+from tests.sensor_cmd import fallback_sensor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,22 +44,9 @@ def test_sensor_reports_ready_then_stopping(tmp_path: Path) -> None:
         sock.bind(str(path))
         sock.settimeout(60)
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sensor.cli",
-                "run",
-                "--mode",
-                "fallback",
-                "--families",
-                "process",
-                "--duration",
-                "2",
-                "--output",
-                os.devnull,
-                "--state-dir",
-                str(tmp_path / "state"),
-            ],
+            fallback_sensor(
+                "--duration", "2", "--output", os.devnull, "--state-dir", str(tmp_path / "state")
+            ),
             cwd=REPO,
             env={**os.environ, "NOTIFY_SOCKET": str(path)},
             stderr=subprocess.PIPE,
