@@ -161,11 +161,11 @@ class EventPipeline:
         of times, and each lookup was a stat()). The events of one path share one ``hash``
         dict; nothing downstream changes it. A path that cannot be hashed falls back to
         /proc/<pid>/exe, per process. One loop for the whole batch, no call per event: in an
-        exec storm this was 1.16 us per spawn as a method per exec, 0.68 inlined.
+        exec storm this was 1.16 us per spawn as a method per exec, 0.69 inlined.
         """
         by_action, exec_action = self.by_action, Action.EXEC
         sha256, table_get = self._hasher.sha256, self._table.get
-        seen: dict[str, tuple[str, dict[str, str]] | None] = {}
+        seen: dict[str, dict[str, str] | None] = {}  # path -> its shared hash dict
         for ev in batch:
             action = ev["event"]["action"]
             by_action[action] += 1
@@ -178,20 +178,19 @@ class EventPipeline:
             if not path or "hash" in proc:
                 continue
             pid = proc.get("pid")
-            known = seen.get(path, _UNSEEN)
-            if known is _UNSEEN:
+            digests = seen.get(path, _UNSEEN)
+            if digests is _UNSEEN:
                 digest = sha256(path)
-                known = seen[path] = None if digest is None else (digest, {"sha256": digest})
-            if known is None:
+                digests = seen[path] = None if digest is None else {"sha256": digest}
+            if digests is None:  # per process: the path's file is gone or unreadable
                 digest = sha256(f"/proc/{pid}/exe") if pid else None
                 if digest is None:
                     continue
-                proc["hash"] = {"sha256": digest}
-            else:
-                digest, proc["hash"] = known
+                digests = {"sha256": digest}
+            proc["hash"] = digests
             info = table_get(pid)
             if info is not None and info.executable == path:
-                info.sha256 = digest
+                info.sha256 = digests["sha256"]
 
     def _run(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
