@@ -48,11 +48,13 @@ enum {
     F_SHA256,
     F_EXIT_CODE,
     F_ECS_CACHE,
+    F_ECS_LINE,
     F_COUNT,
 };
 static const char *const FIELD_NAMES[F_COUNT] = {
     "pid", "ppid", "start_ticks", "entity_id", "comm", "executable", "args", "args_truncated",
     "cwd", "uid", "gid", "loginuid", "container_id", "sha256", "exit_code", "ecs_cache",
+    "ecs_line",
 };
 
 enum { A_FORK, A_EXEC, A_EXIT, A_COUNT };
@@ -90,6 +92,9 @@ typedef struct {
     PyObject *proc_link, *proc_cmdline, *proc_loginuid;
     PyObject *emit;         /* ctx.emit, read by handle() when there is no pending list */
     PyObject *record_failed; /* src._record_failed(raw, exc) */
+    PyObject *encode;       /* orjson.dumps: an object to JSON bytes */
+    /* '","event":{..},"host":{..},"edr":{..},"process":' per action, for encoded lines */
+    PyObject *line_prefix[A_COUNT];
     char id_prefix[256];
     Py_ssize_t id_prefix_len;
     int cgroup_ids_usable;
@@ -101,6 +106,7 @@ typedef struct {
     PyObject *boot_epoch;   /* int */
     long long boot_epoch_ns;
     int emit_forks, process;
+    int lines; /* ctx.takes_lines: events go as encoded lines (see emit_line) */
     /* the last second formatted by iso_timestamp */
     long long ts_sec;
     char ts_text[80];
@@ -272,7 +278,9 @@ static PyObject *entity_id(Hot *self, unsigned long pid, unsigned long long star
 
 /* backplane.schema.iso_timestamp: seconds formatted once per second, then the microseconds.
  * Nanoseconds are 128-bit: datetime reaches year 9999, beyond a long long of nanoseconds. */
-static PyObject *iso_timestamp(Hot *self, __int128 ns)
+/* backplane.schema.iso_timestamp into out (at least ISO_TS_MAX bytes): its length, or -1 */
+#define ISO_TS_MAX 96
+static Py_ssize_t iso_timestamp_buf(Hot *self, __int128 ns, char *out)
 {
     __int128 sec = ns / 1000000000, us = ns / 1000;
     if (ns % 1000000000 < 0)
@@ -286,33 +294,39 @@ static PyObject *iso_timestamp(Hot *self, __int128 ns)
         /* datetime's range: years 1 to 9999 */
         if (sec < -62135596800LL || sec > 253402300799LL) {
             PyErr_SetString(PyExc_ValueError, "timestamp is out of range");
-            return NULL;
+            return -1;
         }
         time_t t = (time_t)sec;
         struct tm tm;
         if (gmtime_r(&t, &tm) == NULL) {
             PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
-            return NULL;
+            return -1;
         }
         int n = snprintf(self->ts_text, sizeof self->ts_text, "%04d-%02d-%02dT%02d:%02d:%02d",
                          tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
                          tm.tm_sec);
         if (n < 0 || (size_t)n >= sizeof self->ts_text) {
             PyErr_SetString(PyExc_OverflowError, "timestamp out of range");
-            return NULL;
+            return -1;
         }
         self->ts_len = n;
         self->ts_sec = (long long)sec;
     }
     /* the second's text, then ".uuuuuuZ" */
-    char out[sizeof self->ts_text + 8];
     memcpy(out, self->ts_text, self->ts_len);
     char *p = out + self->ts_len;
     *p++ = '.';
     for (int i = 5, v = (int)us; i >= 0; i--, v /= 10)
         p[i] = (char)('0' + v % 10);
     p[6] = 'Z';
-    return PyUnicode_FromStringAndSize(out, self->ts_len + 8);
+    return self->ts_len + 8;
+}
+
+static PyObject *iso_timestamp(Hot *self, __int128 ns)
+{
+    char out[ISO_TS_MAX];
+    Py_ssize_t n = iso_timestamp_buf(self, ns, out);
+    return n < 0 ? NULL : PyUnicode_FromStringAndSize(out, n);
 }
 
 static PyObject *iso_timestamp_obj(Hot *self, PyObject *ns)
@@ -587,11 +601,10 @@ fail:
     return NULL;
 }
 
-/* ProcessTable.ecs: the cached fragment (new reference) and, in *proc_out, a copy of its
- * "process" dict that this event extends (new reference). */
-static PyObject *ecs(Hot *self, PyObject *info, PyObject **proc_out)
+/* ProcessTable.ecs's cached fragment, rebuilt when its state changed (new reference). */
+static PyObject *fragment(Hot *self, PyObject *info)
 {
-    PyObject *parent = NULL, *key = NULL, *frag = NULL, *proc = NULL;
+    PyObject *parent = NULL, *key = NULL, *frag = NULL;
     PyObject *ppid = SLOT(info, F_PPID);
     int t = PyObject_IsTrue(ppid);
     if (t < 0)
@@ -639,6 +652,21 @@ static PyObject *ecs(Hot *self, PyObject *info, PyObject **proc_out)
         PyErr_SetString(PyExc_TypeError, "ProcessInfo.ecs_cache fields are not a dict");
         goto fail;
     }
+    return frag;
+fail:
+    Py_XDECREF(key);
+    Py_XDECREF(frag);
+    return NULL;
+}
+
+/* ProcessTable.ecs: the cached fragment (new reference) and, in *proc_out, a copy of its
+ * "process" dict that this event extends (new reference). */
+static PyObject *ecs(Hot *self, PyObject *info, PyObject **proc_out)
+{
+    PyObject *proc = NULL;
+    PyObject *frag = fragment(self, info);
+    if (frag == NULL)
+        return NULL;
     PyObject *p = PyDict_GetItemWithError(frag, s_process);
     if (p == NULL) {
         if (!PyErr_Occurred())
@@ -649,7 +677,7 @@ static PyObject *ecs(Hot *self, PyObject *info, PyObject **proc_out)
     if (proc == NULL)
         goto fail;
     PyObject *sha = SLOT(info, F_SHA256);
-    t = PyObject_IsTrue(sha);
+    int t = PyObject_IsTrue(sha);
     if (t < 0)
         goto fail;
     if (t && set_str(proc, s_hash, single(s_sha256, sha)) < 0)
@@ -660,7 +688,6 @@ static PyObject *ecs(Hot *self, PyObject *info, PyObject **proc_out)
     *proc_out = proc;
     return frag;
 fail:
-    Py_XDECREF(key);
     Py_XDECREF(frag);
     Py_XDECREF(proc);
     return NULL;
@@ -705,6 +732,215 @@ static int emit(Hot *self, PyObject *ev)
         Py_XDECREF(r);
     }
     Py_DECREF(ev);
+    return rc;
+}
+
+/* -- encoded lines ------------------------------------------------------------------------- */
+
+/* With ctx.takes_lines (the pipeline writes NDJSON, no policy reads process events), a process
+ * event goes over as its finished line, which the writer copies out: no event dict is built,
+ * copied, encoded and freed per event. The line is byte for byte NdjsonSink's encoding of the
+ * dict make_event builds (tests/bpf/test_hotpath.py checks it); the fragment's parts are
+ * encoded once per fragment, so an exec and its exit share them. Items:
+ *   (action, line)                     a finished line;
+ *   (action, head, tail, exe, pid)     an exec whose process.hash the writer puts between head
+ *                                      and tail (EventPipeline._count_and_enrich).
+ * Tuples, because a list in the pipeline's queue is a batch.
+ * Anything else (a fragment or a value orjson refuses, an event with a field added by its
+ * record) goes as a dict, so the rare paths keep one implementation. */
+
+/* encode(o): JSON object bytes (new reference); NULL with *refused set when encode raised
+ * TypeError (orjson's JSONEncodeError: say, a lone surrogate), NULL alone on other errors. */
+static PyObject *encode_object(Hot *self, PyObject *o, int *refused)
+{
+    PyObject *b = PyObject_CallOneArg(self->encode, o);
+    if (b == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            *refused = 1;
+        }
+        return NULL;
+    }
+    Py_ssize_t n = PyBytes_Check(b) ? PyBytes_GET_SIZE(b) : 0;
+    if (n < 2 || PyBytes_AS_STRING(b)[0] != '{' || PyBytes_AS_STRING(b)[n - 1] != '}') {
+        Py_DECREF(b);
+        PyErr_SetString(PyExc_TypeError, "Hot(encode=...) must turn a dict into JSON bytes");
+        return NULL;
+    }
+    return b;
+}
+
+/* The fragment frag of info, encoded in two parts: open, its process object without the
+ * closing brace; tail, that brace, the fragment's other keys and the line's end. Cached in
+ * info's ecs_line slot as (frag, open, tail) while frag is the same object, (frag, None, None)
+ * when it cannot be encoded. 1 with borrowed *open and *tail, 0 for "not as a line", -1 on
+ * error. */
+static int fragment_parts(Hot *self, PyObject *info, PyObject *frag, PyObject **open,
+                          PyObject **tail)
+{
+    PyObject *c = SLOT(info, F_ECS_LINE);
+    if (!(PyTuple_Check(c) && PyTuple_GET_SIZE(c) == 3 && PyTuple_GET_ITEM(c, 0) == frag)) {
+        PyObject *proc = PyDict_GetItemWithError(frag, s_process);
+        if (proc == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetObject(PyExc_KeyError, s_process);
+            return -1;
+        }
+        PyObject *rest = PyDict_Copy(frag), *p = NULL, *r = NULL, *o = NULL, *t = NULL;
+        int refused = 0;
+        if (rest == NULL || PyDict_DelItem(rest, s_process) < 0 ||
+            (p = encode_object(self, proc, &refused)) == NULL ||
+            (r = encode_object(self, rest, &refused)) == NULL) {
+            Py_XDECREF(rest);
+            Py_XDECREF(p);
+            if (!refused)
+                return -1;
+            c = PyTuple_Pack(3, frag, Py_None, Py_None);
+        } else {
+            Py_DECREF(rest);
+            Py_ssize_t np = PyBytes_GET_SIZE(p), nr = PyBytes_GET_SIZE(r);
+            if (np > 2) { /* an empty process object would need no comma before its extras */
+                o = PyBytes_FromStringAndSize(PyBytes_AS_STRING(p), np - 1);
+                t = PyBytes_FromStringAndSize(NULL, nr > 2 ? nr + 2 : 3);
+            }
+            if (t != NULL) {
+                char *q = PyBytes_AS_STRING(t);
+                *q++ = '}';
+                if (nr > 2) {
+                    *q++ = ',';
+                    memcpy(q, PyBytes_AS_STRING(r) + 1, nr - 2);
+                    q += nr - 2;
+                }
+                *q++ = '}';
+                *q = '\n';
+            }
+            c = np <= 2             ? PyTuple_Pack(3, frag, Py_None, Py_None)
+                : o && t            ? PyTuple_Pack(3, frag, o, t)
+                                    : NULL;
+            Py_DECREF(p);
+            Py_DECREF(r);
+            Py_XDECREF(o);
+            Py_XDECREF(t);
+        }
+        if (c == NULL)
+            return -1;
+        set_slot(self, info, F_ECS_LINE, c);
+        Py_DECREF(c); /* held by the slot */
+    }
+    if (PyTuple_GET_ITEM(c, 1) == Py_None)
+        return 0;
+    *open = PyTuple_GET_ITEM(c, 1);
+    *tail = PyTuple_GET_ITEM(c, 2);
+    return 1;
+}
+
+/* process.hash as make_event writes it, when sha is a hex digest; 0 otherwise (then the
+ * event goes as a dict, whose encoder handles any value). */
+static int hex_digest(PyObject *sha, const char **s, Py_ssize_t *n)
+{
+    if (!PyUnicode_CheckExact(sha) || !PyUnicode_IS_ASCII(sha))
+        return 0;
+    *n = PyUnicode_GET_LENGTH(sha);
+    *s = (const char *)PyUnicode_DATA(sha);
+    if (*n > 128)
+        return 0;
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        char ch = (*s)[i];
+        if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f') || (ch >= 'A' && ch <= 'F')))
+            return 0;
+    }
+    return 1;
+}
+
+static char *put(char *q, const void *p, size_t n)
+{
+    memcpy(q, p, n);
+    return q + n;
+}
+
+/* make_event, encoded: 1 handed over, 0 not as a line (the caller builds the dict), -1 error. */
+static int emit_line(Hot *self, int action, PyObject *info, uint64_t ktime)
+{
+    static const char ts_key[] = "{\"@timestamp\":\"", hash_a[] = ",\"hash\":{\"sha256\":\"",
+                      hash_b[] = "\"}";
+    PyObject *frag, *open, *tail, *item = NULL, *head = NULL;
+    char ts[ISO_TS_MAX], code[40];
+    const char *sha_s = NULL;
+    Py_ssize_t sha_n = 0, ts_n, code_n = 0;
+    int rc = -1;
+
+    frag = fragment(self, info);
+    if (frag == NULL)
+        return -1;
+    rc = fragment_parts(self, info, frag, &open, &tail);
+    Py_DECREF(frag);
+    if (rc <= 0)
+        return rc;
+    Py_INCREF(open); /* the slot is replaced when the fragment changes */
+    Py_INCREF(tail);
+    rc = -1;
+    ts_n = iso_timestamp_buf(self, (__int128)self->boot_epoch_ns + (__int128)ktime, ts);
+    if (ts_n < 0)
+        goto out;
+    PyObject *sha = SLOT(info, F_SHA256);
+    int has_sha = PyObject_IsTrue(sha);
+    if (has_sha < 0)
+        goto out;
+    rc = 0;
+    if (has_sha && !hex_digest(sha, &sha_s, &sha_n))
+        goto out;
+    PyObject *exit_code = SLOT(info, F_EXIT_CODE);
+    if (exit_code != Py_None) {
+        int overflow = 1;
+        long long v = 0;
+        if (PyLong_CheckExact(exit_code)) /* not a bool, which encodes as true or false */
+            v = PyLong_AsLongLongAndOverflow(exit_code, &overflow);
+        if (overflow)
+            goto out; /* not an int a line can hold: the dict's encoder decides */
+        code_n = snprintf(code, sizeof code, ",\"exit_code\":%lld", v);
+    }
+    rc = -1;
+    PyObject *prefix = self->line_prefix[action];
+    Py_ssize_t n_head = (Py_ssize_t)sizeof ts_key - 1 + ts_n + PyBytes_GET_SIZE(prefix) +
+                        PyBytes_GET_SIZE(open) + code_n;
+    Py_ssize_t n_hash = has_sha ? (Py_ssize_t)(sizeof hash_a - 1 + sha_n + sizeof hash_b - 1) : 0;
+    /* an exec's digest is the writer's to add; the line is cut where it goes */
+    int split = action == A_EXEC && !has_sha;
+    Py_ssize_t n_all = n_head + (split ? 0 : n_hash + PyBytes_GET_SIZE(tail));
+    PyObject *line = PyBytes_FromStringAndSize(NULL, n_all);
+    if (line == NULL)
+        goto out;
+    char *q = PyBytes_AS_STRING(line);
+    q = put(q, ts_key, sizeof ts_key - 1);
+    q = put(q, ts, ts_n);
+    q = put(q, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix));
+    q = put(q, PyBytes_AS_STRING(open), PyBytes_GET_SIZE(open));
+    if (has_sha) { /* make_event: hash, then exit_code */
+        q = put(q, hash_a, sizeof hash_a - 1);
+        q = put(q, sha_s, sha_n);
+        q = put(q, hash_b, sizeof hash_b - 1);
+    }
+    q = put(q, code, code_n);
+    if (split) {
+        head = line;
+        item = PyTuple_Pack(5, self->skel[action][2], head, tail, SLOT(info, F_EXECUTABLE),
+                            SLOT(info, F_PID));
+        if (item == NULL)
+            goto out;
+    } else {
+        put(q, PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail));
+        item = PyTuple_Pack(2, self->skel[action][2], line);
+        Py_DECREF(line);
+        if (item == NULL)
+            goto out;
+    }
+    rc = emit(self, item) < 0 ? -1 : 1; /* consumes item */
+    item = NULL;
+out:
+    Py_XDECREF(item);
+    Py_XDECREF(head);
+    Py_DECREF(open);
+    Py_DECREF(tail);
     return rc;
 }
 
@@ -779,6 +1015,12 @@ static int emit_event(Hot *self, int action, PyObject *info, uint64_t ktime, PyO
     int rc = -1;
     if (outer != NULL && value == NULL)
         return -1;
+    if (outer == NULL && self->lines) {
+        rc = emit_line(self, action, info, ktime);
+        if (rc != 0)
+            return rc < 0 ? -1 : 0;
+        rc = -1;
+    }
     ev = make_event(self, action, info, ktime);
     if (ev == NULL)
         goto out;
@@ -846,6 +1088,7 @@ static int rec_fork(Hot *self, const char *raw, Py_ssize_t len)
     set_slot(self, child, F_SHA256, Py_None);
     set_slot(self, child, F_EXIT_CODE, Py_None);
     set_slot(self, child, F_ECS_CACHE, Py_None);
+    set_slot(self, child, F_ECS_LINE, Py_None);
     if (parent != NULL) {
         static const int inherited[] = {F_COMM, F_EXECUTABLE, F_ARGS, F_ARGS_TRUNCATED, F_CWD,
                                         F_UID, F_GID, F_LOGINUID, F_CONTAINER_ID, F_SHA256};
@@ -1088,6 +1331,7 @@ static int rec_exec(Hot *self, const char *raw, Py_ssize_t len)
     set_slot(self, info, F_GID, gid);
     set_slot(self, info, F_SHA256, Py_None);
     set_slot(self, info, F_ECS_CACHE, Py_None);
+    set_slot(self, info, F_ECS_LINE, Py_None);
     if (SLOT(info, F_CWD) == Py_None) {
         tmp = PyObject_CallFunctionObjArgs(self->proc_link, pid, s_cwd, NULL);
         if (tmp == NULL)
@@ -1216,6 +1460,7 @@ static int rec_exit(Hot *self, const char *raw, Py_ssize_t len)
         emit_event(self, A_EXIT, info, ktime, signal ? s_edr : NULL, s_exit_signal,
                    signal ? PyLong_FromLongLong(signal) : NULL) < 0)
         goto out;
+    set_slot(self, info, F_ECS_LINE, Py_None); /* the last line of the process is out */
     rc = 0;
 out:
     if (locked)
@@ -1280,6 +1525,10 @@ static PyObject *Hot_handle(Hot *self, PyObject *const *args, Py_ssize_t nargs)
     if ((ctx = PyObject_GetAttrString(self->src, "ctx")) == NULL ||
         (flag = PyObject_GetAttrString(ctx, "emit_forks")) == NULL ||
         (self->emit_forks = PyObject_IsTrue(flag)) < 0)
+        goto done;
+    Py_CLEAR(flag);
+    if ((flag = PyObject_GetAttrString(ctx, "takes_lines")) == NULL ||
+        (self->lines = PyObject_IsTrue(flag)) < 0)
         goto done;
     Py_CLEAR(flag);
     if ((flag = PyObject_GetAttrString(self->src, "_process")) == NULL ||
@@ -1366,7 +1615,8 @@ static const struct {
     {"realpath", offsetof(Hot, realpath)}, {"proc_link", offsetof(Hot, proc_link)},
     {"proc_cmdline", offsetof(Hot, proc_cmdline)},
     {"proc_loginuid", offsetof(Hot, proc_loginuid)},
-    {"record_failed", offsetof(Hot, record_failed)}, {NULL, offsetof(Hot, info_type)},
+    {"record_failed", offsetof(Hot, record_failed)}, {"encode", offsetof(Hot, encode)},
+    {NULL, offsetof(Hot, info_type)},
     {NULL, offsetof(Hot, live)}, {NULL, offsetof(Hot, exited)},
     {NULL, offsetof(Hot, containers)}, {NULL, offsetof(Hot, lock)},
     {NULL, offsetof(Hot, acquire)}, {NULL, offsetof(Hot, release)},
@@ -1385,6 +1635,44 @@ static PyObject *need(PyObject *kw, const char *name)
     if (v == NULL)
         PyErr_Format(PyExc_TypeError, "Hot() needs %s", name);
     return v;
+}
+
+/* '","event":{..},"host":{..},"edr":{..},"process":' for action a (new reference): what
+ * make_event puts between the timestamp's text and the process object, encoded once. */
+static PyObject *line_prefix(Hot *self, int a)
+{
+    PyObject *parts[3] = {self->event_tpl[a], self->host, self->edr_tpl}, *enc[3] = {0};
+    static const char *const keys[3] = {"\",\"event\":", ",\"host\":", ",\"edr\":"};
+    static const char last[] = ",\"process\":";
+    PyObject *out = NULL;
+    int refused = 0;
+    Py_ssize_t n = sizeof last - 1;
+    for (int i = 0; i < 3; i++) {
+        if (!PyDict_Check(parts[i])) {
+            PyErr_SetString(PyExc_TypeError, "Hot(): host must be a dict");
+            goto done;
+        }
+        enc[i] = encode_object(self, parts[i], &refused);
+        if (enc[i] == NULL) {
+            if (refused)
+                PyErr_SetString(PyExc_TypeError, "Hot(): the host fields cannot be encoded");
+            goto done;
+        }
+        n += (Py_ssize_t)strlen(keys[i]) + PyBytes_GET_SIZE(enc[i]);
+    }
+    out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL)
+        goto done;
+    char *q = PyBytes_AS_STRING(out);
+    for (int i = 0; i < 3; i++) {
+        q = put(q, keys[i], strlen(keys[i]));
+        q = put(q, PyBytes_AS_STRING(enc[i]), PyBytes_GET_SIZE(enc[i]));
+    }
+    put(q, last, sizeof last - 1);
+done:
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(enc[i]);
+    return out;
 }
 
 static int Hot_init(Hot *self, PyObject *args, PyObject *kw)
@@ -1532,6 +1820,12 @@ static int Hot_init(Hot *self, PyObject *args, PyObject *kw)
     if (PyDict_SetItem(self->edr_tpl, s_tier, self->tier) < 0 ||
         PyDict_SetItem(self->edr_tpl, s_schema, self->schema) < 0)
         return -1;
+    for (int a = 0; a < A_COUNT; a++) {
+        PyObject *prefix = line_prefix(self, a);
+        if (prefix == NULL)
+            return -1;
+        Py_XSETREF(self->line_prefix[a], prefix);
+    }
     self->ts_text[0] = 0;
     return 0;
 }
@@ -1544,6 +1838,7 @@ static int Hot_traverse(Hot *self, visitproc visit, void *arg)
         for (int j = 0; j < 3; j++)
             Py_VISIT(self->skel[a][j]);
         Py_VISIT(self->event_tpl[a]);
+        Py_VISIT(self->line_prefix[a]);
     }
     return 0;
 }
@@ -1556,6 +1851,7 @@ static int Hot_clear(Hot *self)
         for (int j = 0; j < 3; j++)
             Py_CLEAR(self->skel[a][j]);
         Py_CLEAR(self->event_tpl[a]);
+        Py_CLEAR(self->line_prefix[a]);
     }
     return 0;
 }

@@ -62,6 +62,9 @@ class CaptureContext:
     # Fork events: the exec event already carries the parent, so the BPF tiers track forks
     # in the process table without reporting them unless asked to.
     emit_forks: bool = False
+    # Whether the consumer takes encoded events now (EventPipeline.takes_lines): the compiled
+    # record path then hands process events over as their NDJSON line. Asked once per batch.
+    lines: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.emit_many is None:
@@ -69,6 +72,10 @@ class CaptureContext:
             many = getattr(owner, "emit_many", None)
             if callable(many) and getattr(owner, "emit", None) == self.emit:
                 self.emit_many = many
+
+    @property
+    def takes_lines(self) -> bool:
+        return self.lines is not None and self.lines()
 
     def emit_batch(self, events: list[Event]) -> None:
         """Hand over a batch of events; the list must not be reused by the caller."""

@@ -260,6 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         filters=config.filters,
         ignored_pids={os.getpid()},
         poll_interval=config.poll_interval,
+        lines=pipeline.takes_lines,
     )
     stop = threading.Event()
     failure: list[str] = []

@@ -30,6 +30,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
+import orjson
+
 from backplane.schema import SCHEMA_VERSION, Action, Event, Family, Tier, event_skeleton
 from sensor import process_table, procfs
 from sensor.btf import task_offsets
@@ -963,6 +965,7 @@ class TracepointSource(Source):
                 clk_tck=procfs.CLK_TCK,
                 exited_kept=process_table.EXITED_KEPT,
                 record_failed=self._record_failed,
+                encode=orjson.dumps,
             )
         except (TypeError, AttributeError, ValueError) as exc:
             # e.g. a ProcessInfo with a field the C side does not know: correct, just slower

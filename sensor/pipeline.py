@@ -22,6 +22,16 @@ from sensor.process_table import ProcessTable
 
 _STOP = object()
 _UNSEEN = object()
+_PROCESS_ACTIONS = frozenset({Action.FORK, Action.EXEC, Action.EXIT})
+
+
+# An event the compiled record path (sensor/_hotpath.c, emit_line) encoded itself, for a
+# pipeline that takes lines: ``(action, line)``, a finished NDJSON line, or
+# ``(action, head, tail, executable, pid)``, an exec whose process.hash the writer puts
+# between head and tail. Byte for byte what NdjsonSink.encode gives for the event's dict.
+# Tuples: a list in the queue is a batch.
+Encoded = tuple[Any, ...]
+Item = Event | Encoded
 
 
 class Sink(Protocol):
@@ -46,6 +56,8 @@ class NdjsonSink:
     exact original string (``"\\udcff"``).
     """
 
+    takes_lines = True  # also writes the compiled path's encoded events (Encoded)
+
     def __init__(self, stream: IO[str], close_stream: bool = False) -> None:
         self._stream = stream
         self._close = close_stream
@@ -60,17 +72,22 @@ class NdjsonSink:
             self.fallbacks += 1
             return (self._fallback(event) + "\n").encode("ascii")
 
-    def write(self, events: list[Event]) -> None:
+    def write(self, events: list[Item]) -> None:  # type: ignore[override]
         # Each line goes into one growing buffer and its bytes object is freed at once; kept
         # in a list for a join, every line was a fresh allocation. Writer thread in an exec
         # storm: 4.75 -> 4.3 us per spawn (two events).
         data = bytearray()
         extend, dumps, option = data.extend, orjson.dumps, orjson.OPT_APPEND_NEWLINE
         for ev in events:
-            try:
-                extend(dumps(ev, option=option))
-            except TypeError:
-                extend(self.encode(ev))
+            if type(ev) is tuple:
+                extend(ev[1])
+                if len(ev) > 2:
+                    extend(ev[2])
+            else:
+                try:
+                    extend(dumps(ev, option=option))
+                except TypeError:
+                    extend(self.encode(ev))  # type: ignore[arg-type]
         buffer = getattr(self._stream, "buffer", None)
         if buffer is not None:
             self._stream.flush()  # anything written as text earlier goes first
@@ -83,6 +100,17 @@ class NdjsonSink:
     def close(self) -> None:
         if self._close:
             self._stream.close()
+
+
+_HashForms = tuple[dict[str, str], bytes]
+
+
+def _hash_forms(digest: str | None) -> _HashForms | None:
+    """process.hash for a digest: the dict events share, and the bytes an encoded exec gets
+    (what NdjsonSink.encode writes for that dict as the process's last key)."""
+    if digest is None:
+        return None
+    return {"sha256": digest}, b',"hash":{"sha256":' + orjson.dumps(digest) + b"}"
 
 
 class EventPipeline:
@@ -106,6 +134,15 @@ class EventPipeline:
         self.by_action: Counter[str] = Counter()
         self.blocked = 0  # times a capture thread waited for room: back-pressure, not loss
         self.failed: str | None = None  # set when the sink broke; the runner stops on it
+
+    def takes_lines(self) -> bool:
+        """Whether capture may hand over process events encoded (``Encoded``) now: the sink
+        writes lines and the policy acts on no process event. Asked once per capture batch;
+        an encoded event the policy came to want in between is decoded for it."""
+        if getattr(self._sink, "takes_lines", False) is not True:
+            return False
+        inspector = self._inspector
+        return inspector is None or not inspector.actions & _PROCESS_ACTIONS
 
     def start(self) -> None:
         self._thread.start()
@@ -151,7 +188,7 @@ class EventPipeline:
             **self._hasher.counters(),
         }
 
-    def _count_and_enrich(self, batch: list[Event]) -> None:
+    def _count_and_enrich(self, batch: list[Item]) -> None:
         """Count the batch by action and add each exec's executable SHA-256 to its event (and
         to its process in the table).
 
@@ -161,41 +198,52 @@ class EventPipeline:
         of times, and each lookup was a stat()). The events of one path share one ``hash``
         dict; nothing downstream changes it. A path that cannot be hashed falls back to
         /proc/<pid>/exe, per process. One loop for the whole batch, no call per event: in an
-        exec storm this was 1.16 us per spawn as a method per exec, 0.69 inlined.
+        exec storm this was 1.16 us per spawn as a method per exec, 0.69 inlined. Encoded
+        execs get the same digest as bytes, between their head and tail.
         """
         by_action, exec_action = self.by_action, Action.EXEC
         sha256, table_get = self._hasher.sha256, self._table.get
-        seen: dict[str, dict[str, str] | None] = {}  # path -> its shared hash dict
-        for ev in batch:
-            action = ev["event"]["action"]
-            by_action[action] += 1
-            if action != exec_action:
-                continue
-            proc = ev.get("process")
-            if not proc:
-                continue
-            path = proc.get("executable")
-            if not path or "hash" in proc:
-                continue
-            pid = proc.get("pid")
-            digests = seen.get(path, _UNSEEN)
-            if digests is _UNSEEN:
-                digest = sha256(path)
-                digests = seen[path] = None if digest is None else {"sha256": digest}
-            if digests is None:  # per process: the path's file is gone or unreadable
-                digest = sha256(f"/proc/{pid}/exe") if pid else None
-                if digest is None:
+        seen: dict[str, _HashForms | None] = {}  # path -> its digest's shared forms
+        for i, ev in enumerate(batch):
+            encoded = type(ev) is tuple
+            if encoded:
+                by_action[ev[0]] += 1  # type: ignore[index]
+                if len(ev) == 2:  # a finished line
                     continue
-                digests = {"sha256": digest}
-            proc["hash"] = digests
+                path, pid = ev[3], ev[4]  # type: ignore[index]  # an exec awaiting its digest
+                if not path:
+                    continue
+            else:
+                action = ev["event"]["action"]  # type: ignore[call-overload]
+                by_action[action] += 1
+                if action != exec_action:
+                    continue
+                proc = ev.get("process")  # type: ignore[union-attr]
+                if not proc:
+                    continue
+                path = proc.get("executable")
+                if not path or "hash" in proc:
+                    continue
+                pid = proc.get("pid")
+            forms = seen.get(path, _UNSEEN)
+            if forms is _UNSEEN:
+                forms = seen[path] = _hash_forms(sha256(path))
+            if forms is None:  # per process: the path's file is gone or unreadable
+                forms = _hash_forms(sha256(f"/proc/{pid}/exe") if pid else None)
+                if forms is None:
+                    continue
+            if encoded:
+                batch[i] = (ev[0], ev[1], forms[1] + ev[2])  # type: ignore[index]
+            else:
+                proc["hash"] = forms[0]
             info = table_get(pid)
             if info is not None and info.executable == path:
-                info.sha256 = digests["sha256"]
+                info.sha256 = forms[0]["sha256"]
 
     def _run(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         while True:
-            batch: list[Event] = []
+            batch: list[Item] = []
             stop = False
             item = get()
             while True:
@@ -218,8 +266,11 @@ class EventPipeline:
                 wanted = inspector.actions
                 caused: list[Event] = []
                 for ev in batch:
-                    if ev["event"]["action"] in wanted:
-                        caused.extend(inspector.inspect(ev))
+                    if type(ev) is tuple:  # encoded before the policy came to want it
+                        if ev[0] in wanted:
+                            caused.extend(inspector.inspect(orjson.loads(b"".join(ev[1:3]))))
+                    elif ev["event"]["action"] in wanted:  # type: ignore[call-overload]
+                        caused.extend(inspector.inspect(ev))  # type: ignore[arg-type]
                 batch.extend(caused)
             if batch:
                 try:

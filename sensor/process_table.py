@@ -58,6 +58,8 @@ class ProcessInfo:
     ecs_cache: tuple[tuple[Any, ...], dict[str, Any]] | None = field(
         default=None, repr=False, compare=False
     )
+    # The compiled path's encoding of that fragment (sensor/_hotpath.c, fragment_parts)
+    ecs_line: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:

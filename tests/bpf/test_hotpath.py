@@ -10,9 +10,10 @@ clocks). No root and no BPF: pids are far above pid_max, so /proc never answers 
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
 import struct
 
-import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from backplane.schema import Family
 from sensor import ebpf
 from sensor.capture import CaptureContext
 from sensor.ebpf import EventType, FileOp, TracepointSource
+from sensor.pipeline import EventPipeline, NdjsonSink
 from sensor.process_table import ProcessTable
 from tests.bpf.test_decode import (
     HDR,
@@ -40,12 +42,25 @@ def test_the_compiled_path_is_built() -> None:
 
 
 class Pair:
-    """Two sources over two tables: one on the C path, one on the Python path."""
+    """Three sources over three tables: the C path, the Python path, and the C path handing
+    over encoded lines (ctx.lines, as for `edr-sensor run --output` with no exec policy).
+
+    Each side's new events go through its own real EventPipeline (hashing with the real
+    hasher, which also sets process.hash on later events) into an NDJSON sink after every
+    feed; the three outputs must be the same bytes."""
 
     def __init__(self, *, emit_forks: bool = True, families: frozenset[Family] = frozenset(Family)):
-        self.sides = [make_source(families, emit_forks=emit_forks) for _ in range(2)]
+        self.sides = [make_source(families, emit_forks=emit_forks) for _ in range(3)]
         self.sides[1][0]._hot = None  # the Python path
+        self.sides[2][0].ctx.lines = lambda: True
         assert self.sides[0][0].compiled and not self.sides[1][0].compiled
+        self.streams = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for _ in self.sides]
+        self.pipelines = [
+            EventPipeline(NdjsonSink(stream), src.ctx.table)
+            for stream, (src, _) in zip(self.streams, self.sides, strict=True)
+        ]
+        assert all(p.takes_lines() for p in self.pipelines)
+        self.written = [0] * len(self.sides)
 
     def feed(self, records: list[bytes], *, batched: bool = True) -> None:
         for src, _ in self.sides:
@@ -55,27 +70,44 @@ class Pair:
             else:
                 for raw in records:
                     src.handle_record(raw)
+        for i, ((_, events), pipeline) in enumerate(zip(self.sides, self.pipelines, strict=True)):
+            batch = events[self.written[i] :]
+            self.written[i] = len(events)
+            pipeline._count_and_enrich(batch)
+            pipeline._sink.write(batch)
+
+    def lines(self, side: int) -> list[bytes]:
+        return self.streams[side].buffer.getvalue().splitlines(keepends=True)
+
+    def encoded(self) -> int:
+        """How many events the lines side handed over encoded."""
+        return sum(type(e) is tuple for e in self.sides[2][1])
 
     def check(self) -> list[dict]:
-        (c_src, c_events), (py_src, py_events) = self.sides
-        assert [orjson.dumps(e) for e in c_events] == [orjson.dumps(e) for e in py_events]
-        for name in ("received", "decode_errors", "handler_errors"):
-            assert getattr(c_src, name) == getattr(py_src, name), name
-        # the C side answers fresh realpath hits itself and counts them in the same place
-        assert (c_src._realpath.hits, c_src._realpath.misses) == (
-            py_src._realpath.hits,
-            py_src._realpath.misses,
-        )
-        c_table, py_table = c_src.ctx.table, py_src.ctx.table
-        assert set(c_table._live) == set(py_table._live)
-        assert list(c_table._exited) == list(py_table._exited)  # the same order too
-        for pid in set(c_table._live) | set(c_table._exited):
-            assert _state(c_table.get(pid)) == _state(py_table.get(pid)), pid
+        (c_src, c_events), (py_src, py_events), (line_src, _) = self.sides
+        encode = NdjsonSink(io.StringIO()).encode  # orjson, or the fallback for surrogates
+        assert [encode(e) for e in c_events] == [encode(e) for e in py_events]
+        assert self.lines(2) == self.lines(0) == self.lines(1)
+        counts = [p.by_action for p in self.pipelines]
+        assert counts[2] == counts[0] == counts[1]
+        for src in (py_src, line_src):
+            for name in ("received", "decode_errors", "handler_errors"):
+                assert getattr(c_src, name) == getattr(src, name), name
+            # the C side answers fresh realpath hits itself and counts them in the same place
+            assert (c_src._realpath.hits, c_src._realpath.misses) == (
+                src._realpath.hits,
+                src._realpath.misses,
+            )
+            c_table, table = c_src.ctx.table, src.ctx.table
+            assert set(c_table._live) == set(table._live)
+            assert list(c_table._exited) == list(table._exited)  # the same order too
+            for pid in set(c_table._live) | set(c_table._exited):
+                assert _state(c_table.get(pid)) == _state(table.get(pid)), pid
         return c_events
 
 
 def _state(info) -> dict:
-    names = [f.name for f in dataclasses.fields(info) if f.name != "ecs_cache"]
+    names = [f.name for f in dataclasses.fields(info) if f.name not in ("ecs_cache", "ecs_line")]
     return {name: getattr(info, name) for name in names}
 
 
@@ -101,6 +133,35 @@ def test_a_spawn_gives_the_same_events_and_table() -> None:
     assert events[1]["process"]["args"] == ["/bin/true", "--marker", "two words"]
     assert events[1]["user"]["audit"] == {"id": "1000"}
     assert events[2]["process"]["exit_code"] == 3
+
+
+def test_encoded_lines_carry_the_hash_and_fall_back_per_process() -> None:
+    """The lines side hands process events over encoded: an exec cut for the writer's
+    digest, an exit and a fork finished with the digest the writer found for the image, and
+    a dict for a process whose fragment orjson refuses (a lone surrogate)."""
+    import hashlib
+
+    digest = hashlib.sha256(open("/bin/true", "rb").read()).hexdigest()  # noqa: SIM115
+    pair = Pair()
+    pair.feed([fork_record(PARENT, PID), exec_record(PID, b"/bin/true", b"true\0", 1)])
+    line_src, line_events = pair.sides[2]
+    fork, exec_ = line_events
+    assert type(fork) is tuple and len(fork) == 2
+    assert exec_[0] == "exec" and exec_[3:] == (os.path.realpath("/bin/true"), PID)  # cut
+    assert line_src.ctx.table.get(PID).sha256 == digest  # the writer set it
+    pair.feed([fork_record(PID, PID + 1), exit_record(PID, code=7)])
+    for src, _ in pair.sides:  # as /proc gives it: a byte that is not UTF-8, escaped
+        src.ctx.table.get(PID + 1).args = ["sh", "\udcff"]
+    pair.feed([fork_record(PID + 1, PID + 2), exec_record(PID + 2, b"/bin/true", b"t\0", 1)])
+    events = pair.check()
+    # the child's fork and exec events carry that parent's argv: dicts
+    assert pair.encoded() == 4 and [type(e) for e in line_events[-2:]] == [dict, dict]
+    assert b'"sh \\udcff"' in pair.lines(2)[-1]  # NdjsonSink's fallback encoder wrote it
+    hash_field = f'"hash":{{"sha256":"{digest}"}}'.encode()
+    lines = pair.lines(2)
+    assert [hash_field in line for line in lines] == [False, True, True, True, True, True]
+    assert events[3]["process"]["exit_code"] == 7 and hash_field + b',"exit_code":7}' in lines[3]
+    assert line_src.ctx.table.get(PID).ecs_line is None  # dropped with the exit line
 
 
 def test_the_parent_context_and_cache_invalidation_match() -> None:

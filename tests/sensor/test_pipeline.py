@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -297,3 +298,79 @@ def test_the_policy_sees_only_its_actions_after_hashing_and_its_reports_follow(
     digest = hashlib.sha256(b"payload").hexdigest()
     assert lines[2]["process"] == {"pid": 7, "hash": {"sha256": digest}}
     assert pipeline.by_action == {"exec": 1, "exit": 1}  # reports are not counted as captured
+
+
+def _encoded(event: dict) -> tuple:
+    """An exec as the compiled path hands it over (sensor/_hotpath.c, emit_line): its line cut
+    where process.hash goes. Here process is the event's last key, so the cut is before the
+    line's final "}}"."""
+    line = NdjsonSink(io.StringIO()).encode(event)
+    assert line.endswith(b"}}\n")
+    proc = event["process"]
+    return ("exec", line[:-3], line[-3:], proc["executable"], proc["pid"])
+
+
+def test_encoded_execs_are_counted_and_hashed_as_their_dicts(tmp_path: Path) -> None:
+    binary = tmp_path / "tool"
+    binary.write_bytes(b"payload")
+    gone = str(tmp_path / "deleted-after-exec")
+    exit_event = new_event(Action.EXIT, host={"id": "h"}, tier=Tier.FALLBACK)
+    exit_event["process"] = {"pid": 7}
+    template = [
+        exec_event(str(binary), pid=4_000_001),
+        exec_event(str(binary), pid=4_000_002),
+        exec_event(gone, pid=os.getpid()),  # falls back to /proc/<pid>/exe
+        exec_event(gone, pid=4_000_003),  # no such process: no hash
+    ]
+    outputs, counts = [], []
+    for encoded in (False, True):
+        execs = copy.deepcopy(template)  # the dict path adds the hash in place
+        items: list = [*execs, exit_event, exit_event]
+        if encoded:  # the execs cut for their hash, the second exit a finished line
+            line = NdjsonSink(io.StringIO()).encode(exit_event)
+            items = [*map(_encoded, execs), exit_event, ("exit", line)]
+        out = io.StringIO()
+        table = ProcessTable("h")
+        pipeline = EventPipeline(NdjsonSink(out), table)
+        assert pipeline.takes_lines()
+        pipeline.emit_many(items)
+        pipeline.start()
+        pipeline.close()
+        outputs.append(out.getvalue())
+        counts.append(dict(pipeline.by_action))
+    assert outputs[0] == outputs[1]
+    assert counts[0] == counts[1] == {"exec": 4, "exit": 2}
+    hashes = [json.loads(line)["process"].get("hash") for line in outputs[1].splitlines()]
+    assert [bool(h) for h in hashes] == [True, True, True, False, False, False]
+
+
+def test_only_a_line_sink_without_a_process_policy_takes_encoded_events() -> None:
+    from sensor.pipeline import TeeSink
+
+    table = ProcessTable("h")
+    assert EventPipeline(NdjsonSink(io.StringIO()), table).takes_lines()
+    inspector = _Inspector()  # acts on execs
+    pipeline = EventPipeline(NdjsonSink(io.StringIO()), table, inspector=inspector)
+    assert not pipeline.takes_lines()
+    inspector.actions = frozenset({Action.FILE_CREATE})  # a policy change: asked per batch
+    assert pipeline.takes_lines()
+    assert not EventPipeline(TeeSink([NdjsonSink(io.StringIO())]), table).takes_lines()
+    assert not EventPipeline(SlowSink(), table).takes_lines()
+
+
+def test_an_encoded_exec_the_policy_came_to_want_is_decoded_for_it(tmp_path: Path) -> None:
+    """Capture asks once per batch; a policy that starts holding execs in between still sees
+    each exec, decoded from its line with the hash the writer added."""
+    binary = tmp_path / "tool"
+    binary.write_bytes(b"payload")
+    out = io.StringIO()
+    inspector = _Inspector()
+    pipeline = EventPipeline(NdjsonSink(out), ProcessTable("h"), inspector=inspector)
+    pipeline.emit_many([_encoded(exec_event(str(binary), pid=7))])
+    pipeline.start()
+    pipeline.close()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["event"]["action"] for e in lines] == ["exec", "hold"]
+    assert inspector.seen == ["exec"]
+    digest = hashlib.sha256(b"payload").hexdigest()
+    assert lines[1]["process"] == {"pid": 7, "hash": {"sha256": digest}}
