@@ -107,6 +107,11 @@ typedef struct {
     long long boot_epoch_ns;
     int emit_forks, process;
     int lines; /* ctx.takes_lines: events go as encoded lines (see emit_line) */
+    /* the lines not yet handed over: one chunk (see flush_lines) */
+    char *lbuf;
+    Py_ssize_t llen, lcap;
+    PyObject *lcuts;              /* list [offset, executable, pid, ...] or NULL */
+    Py_ssize_t lcount[A_COUNT];   /* lines per action in the chunk */
     /* the last second formatted by iso_timestamp */
     long long ts_sec;
     char ts_text[80];
@@ -720,7 +725,7 @@ fail:
 }
 
 /* Hand an event over: to the pending list, else to ctx.emit. Consumes the reference. */
-static int emit(Hot *self, PyObject *ev)
+static int deliver(Hot *self, PyObject *ev)
 {
     int rc = 0;
     if (self->pending != NULL) {
@@ -735,19 +740,76 @@ static int emit(Hot *self, PyObject *ev)
     return rc;
 }
 
+static int flush_lines(Hot *self);
+
+/* Hand an event dict over, after the lines before it. Consumes the reference. */
+static int emit(Hot *self, PyObject *ev)
+{
+    if (flush_lines(self) < 0) {
+        Py_DECREF(ev);
+        return -1;
+    }
+    return deliver(self, ev);
+}
+
 /* -- encoded lines ------------------------------------------------------------------------- */
 
 /* With ctx.takes_lines (the pipeline writes NDJSON, no policy reads process events), a process
  * event goes over as its finished line, which the writer copies out: no event dict is built,
  * copied, encoded and freed per event. The line is byte for byte NdjsonSink's encoding of the
  * dict make_event builds (tests/bpf/test_hotpath.py checks it); the fragment's parts are
- * encoded once per fragment, so an exec and its exit share them. Items:
- *   (action, line)                     a finished line;
- *   (action, head, tail, exe, pid)     an exec whose process.hash the writer puts between head
- *                                      and tail (EventPipeline._count_and_enrich).
- * Tuples, because a list in the pipeline's queue is a batch.
+ * encoded once per fragment, so an exec and its exit share them. The lines of a batch go into
+ * one buffer, handed over as one item (flush_lines) before any other event and at the end:
+ *   (lines, cuts, counts)  lines: the NDJSON bytes; cuts: [offset, executable, pid, ...] for
+ *                          each exec whose process.hash the writer inserts at offset
+ *                          (EventPipeline._count_and_enrich); counts: {action: lines}.
+ * A tuple, because a list in the pipeline's queue is a batch. Without a pending list (events
+ * one by one to ctx.emit) each record's lines go at once, so a failing emit is that record's.
  * Anything else (a fragment or a value orjson refuses, an event with a field added by its
  * record) goes as a dict, so the rare paths keep one implementation. */
+
+/* Hand the buffered lines over as one (lines, cuts, counts) item. */
+static int flush_lines(Hot *self)
+{
+    if (self->llen == 0)
+        return 0;
+    PyObject *data = PyBytes_FromStringAndSize(self->lbuf, self->llen);
+    PyObject *counts = PyDict_New(), *cuts = self->lcuts ? self->lcuts : PyList_New(0), *item;
+    self->lcuts = NULL;
+    self->llen = 0;
+    int ok = data != NULL && counts != NULL && cuts != NULL;
+    for (int a = 0; a < A_COUNT; a++) {
+        if (ok && self->lcount[a] > 0) {
+            PyObject *n = PyLong_FromSsize_t(self->lcount[a]);
+            ok = n != NULL && PyDict_SetItem(counts, self->skel[a][2], n) == 0;
+            Py_XDECREF(n);
+        }
+        self->lcount[a] = 0;
+    }
+    item = ok ? PyTuple_Pack(3, data, cuts, counts) : NULL;
+    Py_XDECREF(data);
+    Py_XDECREF(counts);
+    Py_XDECREF(cuts);
+    return item == NULL ? -1 : deliver(self, item);
+}
+
+/* Room for n more bytes in the line buffer. */
+static char *line_room(Hot *self, Py_ssize_t n)
+{
+    if (self->llen + n > self->lcap) {
+        Py_ssize_t cap = self->lcap ? self->lcap : 65536;
+        while (cap < self->llen + n)
+            cap *= 2;
+        char *b = PyMem_Realloc(self->lbuf, cap);
+        if (b == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        self->lbuf = b;
+        self->lcap = cap;
+    }
+    return self->lbuf + self->llen;
+}
 
 /* encode(o): JSON object bytes (new reference); NULL with *refused set when encode raised
  * TypeError (orjson's JSONEncodeError: say, a lone surrogate), NULL alone on other errors. */
@@ -858,12 +920,13 @@ static char *put(char *q, const void *p, size_t n)
     return q + n;
 }
 
-/* make_event, encoded: 1 handed over, 0 not as a line (the caller builds the dict), -1 error. */
+/* make_event, encoded into the line buffer: 1 done, 0 not as a line (the caller builds the
+ * dict), -1 error. */
 static int emit_line(Hot *self, int action, PyObject *info, uint64_t ktime)
 {
     static const char ts_key[] = "{\"@timestamp\":\"", hash_a[] = ",\"hash\":{\"sha256\":\"",
                       hash_b[] = "\"}";
-    PyObject *frag, *open, *tail, *item = NULL, *head = NULL;
+    PyObject *frag, *open, *tail;
     char ts[ISO_TS_MAX], code[40];
     const char *sha_s = NULL;
     Py_ssize_t sha_n = 0, ts_n, code_n = 0;
@@ -902,15 +965,11 @@ static int emit_line(Hot *self, int action, PyObject *info, uint64_t ktime)
     rc = -1;
     PyObject *prefix = self->line_prefix[action];
     Py_ssize_t n_head = (Py_ssize_t)sizeof ts_key - 1 + ts_n + PyBytes_GET_SIZE(prefix) +
-                        PyBytes_GET_SIZE(open) + code_n;
+                        PyBytes_GET_SIZE(open);
     Py_ssize_t n_hash = has_sha ? (Py_ssize_t)(sizeof hash_a - 1 + sha_n + sizeof hash_b - 1) : 0;
-    /* an exec's digest is the writer's to add; the line is cut where it goes */
-    int split = action == A_EXEC && !has_sha;
-    Py_ssize_t n_all = n_head + (split ? 0 : n_hash + PyBytes_GET_SIZE(tail));
-    PyObject *line = PyBytes_FromStringAndSize(NULL, n_all);
-    if (line == NULL)
+    char *q = line_room(self, n_head + n_hash + code_n + PyBytes_GET_SIZE(tail));
+    if (q == NULL)
         goto out;
-    char *q = PyBytes_AS_STRING(line);
     q = put(q, ts_key, sizeof ts_key - 1);
     q = put(q, ts, ts_n);
     q = put(q, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix));
@@ -921,24 +980,31 @@ static int emit_line(Hot *self, int action, PyObject *info, uint64_t ktime)
         q = put(q, hash_b, sizeof hash_b - 1);
     }
     q = put(q, code, code_n);
-    if (split) {
-        head = line;
-        item = PyTuple_Pack(5, self->skel[action][2], head, tail, SLOT(info, F_EXECUTABLE),
-                            SLOT(info, F_PID));
-        if (item == NULL)
+    if (action == A_EXEC && !has_sha) {
+        /* the writer adds the digest here, after exit_code as on the dict */
+        PyObject *off = PyLong_FromSsize_t(q - self->lbuf);
+        if (off == NULL)
             goto out;
-    } else {
-        put(q, PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail));
-        item = PyTuple_Pack(2, self->skel[action][2], line);
-        Py_DECREF(line);
-        if (item == NULL)
+        if (self->lcuts == NULL && (self->lcuts = PyList_New(0)) == NULL) {
+            Py_DECREF(off);
             goto out;
+        }
+        int bad = PyList_Append(self->lcuts, off) < 0 ||
+                  PyList_Append(self->lcuts, SLOT(info, F_EXECUTABLE)) < 0 ||
+                  PyList_Append(self->lcuts, SLOT(info, F_PID)) < 0;
+        Py_DECREF(off);
+        if (bad) {
+            /* the cut list is the chunk's: take its partial entry back out */
+            Py_ssize_t n = PyList_GET_SIZE(self->lcuts);
+            PyList_SetSlice(self->lcuts, n - n % 3, n, NULL);
+            goto out;
+        }
     }
-    rc = emit(self, item) < 0 ? -1 : 1; /* consumes item */
-    item = NULL;
+    q = put(q, PyBytes_AS_STRING(tail), PyBytes_GET_SIZE(tail));
+    self->llen = q - self->lbuf;
+    self->lcount[action]++;
+    rc = 1;
 out:
-    Py_XDECREF(item);
-    Py_XDECREF(head);
     Py_DECREF(open);
     Py_DECREF(tail);
     return rc;
@@ -1505,6 +1571,8 @@ static int handle_one(Hot *self, PyObject *raw)
             decode_error(self, "record with unknown type tag %u", tag);
         return -1;
     }
+    if (flush_lines(self) < 0) /* the handler's events go after the lines before them */
+        return -1;
     PyObject *r = PyObject_CallFunctionObjArgs(handler, self->src, raw, NULL);
     if (r == NULL)
         return -1;
@@ -1569,7 +1637,8 @@ done:
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(records); i++) {
         PyObject *raw = PyList_GET_ITEM(records, i);
         Py_INCREF(raw);
-        if (handle_one(self, raw) < 0) {
+        /* one by one to ctx.emit: the record's lines go now, and a failure is the record's */
+        if (handle_one(self, raw) < 0 || (self->pending == NULL && flush_lines(self) < 0)) {
             /* as the Python loop: Exceptions are counted and logged, never fatal */
             if (!PyErr_ExceptionMatches(PyExc_Exception)) {
                 Py_DECREF(raw);
@@ -1593,6 +1662,16 @@ done:
             Py_DECREF(r);
         }
         Py_DECREF(raw);
+    }
+    if (result != NULL) {
+        if (flush_lines(self) < 0)
+            result = NULL;
+    } else { /* a batch that stopped still hands over the lines it made; its error wins */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (flush_lines(self) < 0)
+            PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
     }
     Py_CLEAR(self->pending);
     Py_XINCREF(result);
@@ -1832,6 +1911,7 @@ static int Hot_init(Hot *self, PyObject *args, PyObject *kw)
 
 static int Hot_traverse(Hot *self, visitproc visit, void *arg)
 {
+    Py_VISIT(self->lcuts);
     for (size_t i = 0; i < N_MEMBERS; i++)
         Py_VISIT(MEMBER(self, i));
     for (int a = 0; a < A_COUNT; a++) {
@@ -1845,6 +1925,7 @@ static int Hot_traverse(Hot *self, visitproc visit, void *arg)
 
 static int Hot_clear(Hot *self)
 {
+    Py_CLEAR(self->lcuts);
     for (size_t i = 0; i < N_MEMBERS; i++)
         Py_CLEAR(MEMBER(self, i));
     for (int a = 0; a < A_COUNT; a++) {
@@ -1860,6 +1941,7 @@ static void Hot_dealloc(Hot *self)
 {
     PyObject_GC_UnTrack(self);
     Hot_clear(self);
+    PyMem_Free(self->lbuf);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 

@@ -81,7 +81,7 @@ class Pair:
 
     def encoded(self) -> int:
         """How many events the lines side handed over encoded."""
-        return sum(type(e) is tuple for e in self.sides[2][1])
+        return sum(sum(e[2].values()) for e in self.sides[2][1] if type(e) is tuple)
 
     def check(self) -> list[dict]:
         (c_src, c_events), (py_src, py_events), (line_src, _) = self.sides
@@ -136,32 +136,53 @@ def test_a_spawn_gives_the_same_events_and_table() -> None:
 
 
 def test_encoded_lines_carry_the_hash_and_fall_back_per_process() -> None:
-    """The lines side hands process events over encoded: an exec cut for the writer's
-    digest, an exit and a fork finished with the digest the writer found for the image, and
-    a dict for a process whose fragment orjson refuses (a lone surrogate)."""
+    """The lines side hands process events over encoded, one chunk per batch: an exec cut
+    where the writer's digest goes, an exit and a fork finished with the digest the writer
+    found for the image, and a dict, after the lines before it, for a process whose fragment
+    orjson refuses (a lone surrogate)."""
     import hashlib
 
     digest = hashlib.sha256(open("/bin/true", "rb").read()).hexdigest()  # noqa: SIM115
     pair = Pair()
     pair.feed([fork_record(PARENT, PID), exec_record(PID, b"/bin/true", b"true\0", 1)])
     line_src, line_events = pair.sides[2]
-    fork, exec_ = line_events
-    assert type(fork) is tuple and len(fork) == 2
-    assert exec_[0] == "exec" and exec_[3:] == (os.path.realpath("/bin/true"), PID)  # cut
+    [(lines, cuts, counts)] = line_events
+    assert counts == {"fork": 1, "exec": 1} and lines.count(b"\n") == 2
+    offset, path, pid = cuts  # the exec's cut: the end of its process fields
+    assert (path, pid) == (os.path.realpath("/bin/true"), PID)
+    assert lines[offset:].startswith(b'},"user"')
     assert line_src.ctx.table.get(PID).sha256 == digest  # the writer set it
     pair.feed([fork_record(PID, PID + 1), exit_record(PID, code=7)])
+    assert line_events[-1][1] == []  # no exec: nothing to cut
     for src, _ in pair.sides:  # as /proc gives it: a byte that is not UTF-8, escaped
         src.ctx.table.get(PID + 1).args = ["sh", "\udcff"]
     pair.feed([fork_record(PID + 1, PID + 2), exec_record(PID + 2, b"/bin/true", b"t\0", 1)])
     events = pair.check()
     # the child's fork and exec events carry that parent's argv: dicts
     assert pair.encoded() == 4 and [type(e) for e in line_events[-2:]] == [dict, dict]
-    assert b'"sh \\udcff"' in pair.lines(2)[-1]  # NdjsonSink's fallback encoder wrote it
-    hash_field = f'"hash":{{"sha256":"{digest}"}}'.encode()
     lines = pair.lines(2)
+    assert b'"sh \\udcff"' in lines[-1]  # NdjsonSink's fallback encoder wrote it
+    hash_field = f'"hash":{{"sha256":"{digest}"}}'.encode()
     assert [hash_field in line for line in lines] == [False, True, True, True, True, True]
     assert events[3]["process"]["exit_code"] == 7 and hash_field + b',"exit_code":7}' in lines[3]
     assert line_src.ctx.table.get(PID).ecs_line is None  # dropped with the exit line
+
+
+def test_lines_keep_their_order_around_python_handled_records() -> None:
+    """A record the Python handlers take (a file operation) goes after the lines before it and
+    before the lines after it: the chunk is handed over first."""
+    pair = Pair()
+    pair.feed(
+        [
+            fork_record(PARENT, PID),
+            exec_record(PID, b"/bin/true", b"true\0", 1),
+            file_record(PID, FileOp.UNLINK, b"/tmp/edr-hot-z", ktime_ns=5_100_000_000),
+            exit_record(PID),
+        ]
+    )
+    pair.check()
+    kinds = [type(e) for e in pair.sides[2][1]]
+    assert kinds == [tuple, dict, tuple]
 
 
 def test_the_parent_context_and_cache_invalidation_match() -> None:

@@ -300,14 +300,20 @@ def test_the_policy_sees_only_its_actions_after_hashing_and_its_reports_follow(
     assert pipeline.by_action == {"exec": 1, "exit": 1}  # reports are not counted as captured
 
 
-def _encoded(event: dict) -> tuple:
-    """An exec as the compiled path hands it over (sensor/_hotpath.c, emit_line): its line cut
-    where process.hash goes. Here process is the event's last key, so the cut is before the
-    line's final "}}"."""
-    line = NdjsonSink(io.StringIO()).encode(event)
-    assert line.endswith(b"}}\n")
-    proc = event["process"]
-    return ("exec", line[:-3], line[-3:], proc["executable"], proc["pid"])
+def _encoded(events: list[dict]) -> tuple:
+    """Events as the compiled path hands them over (sensor/_hotpath.c, emit_line): their
+    lines in one chunk, each exec cut where process.hash goes. Here process is each event's
+    last key, so an exec's cut is before its line's final "}}"."""
+    lines, cuts, counts = b"", [], {}
+    for event in events:
+        line = NdjsonSink(io.StringIO()).encode(event)
+        action = event["event"]["action"]
+        counts[action] = counts.get(action, 0) + 1
+        if action == "exec":
+            cuts += (len(lines) + len(line) - 3, event["process"]["executable"])
+            cuts.append(event["process"]["pid"])
+        lines += line
+    return lines, cuts, counts
 
 
 def test_encoded_execs_are_counted_and_hashed_as_their_dicts(tmp_path: Path) -> None:
@@ -325,10 +331,9 @@ def test_encoded_execs_are_counted_and_hashed_as_their_dicts(tmp_path: Path) -> 
     outputs, counts = [], []
     for encoded in (False, True):
         execs = copy.deepcopy(template)  # the dict path adds the hash in place
-        items: list = [*execs, exit_event, exit_event]
-        if encoded:  # the execs cut for their hash, the second exit a finished line
-            line = NdjsonSink(io.StringIO()).encode(exit_event)
-            items = [*map(_encoded, execs), exit_event, ("exit", line)]
+        items: list = [*execs[:3], exit_event, execs[3], exit_event]
+        if encoded:  # two chunks around a dict
+            items = [_encoded(execs[:3]), exit_event, _encoded([execs[3], exit_event])]
         out = io.StringIO()
         table = ProcessTable("h")
         pipeline = EventPipeline(NdjsonSink(out), table)
@@ -366,7 +371,7 @@ def test_an_encoded_exec_the_policy_came_to_want_is_decoded_for_it(tmp_path: Pat
     out = io.StringIO()
     inspector = _Inspector()
     pipeline = EventPipeline(NdjsonSink(out), ProcessTable("h"), inspector=inspector)
-    pipeline.emit_many([_encoded(exec_event(str(binary), pid=7))])
+    pipeline.emit_many([_encoded([exec_event(str(binary), pid=7)])])
     pipeline.start()
     pipeline.close()
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
