@@ -811,6 +811,12 @@ static char *line_room(Hot *self, Py_ssize_t n)
     return self->lbuf + self->llen;
 }
 
+static char *put(char *q, const void *p, size_t n)
+{
+    memcpy(q, p, n);
+    return q + n;
+}
+
 /* encode(o): JSON object bytes (new reference); NULL with *refused set when encode raised
  * TypeError (orjson's JSONEncodeError: say, a lone surrogate), NULL alone on other errors. */
 static PyObject *encode_object(Hot *self, PyObject *o, int *refused)
@@ -850,40 +856,32 @@ static int fragment_parts(Hot *self, PyObject *info, PyObject *frag, PyObject **
         }
         PyObject *rest = PyDict_Copy(frag), *p = NULL, *r = NULL, *o = NULL, *t = NULL;
         int refused = 0;
-        if (rest == NULL || PyDict_DelItem(rest, s_process) < 0 ||
-            (p = encode_object(self, proc, &refused)) == NULL ||
-            (r = encode_object(self, rest, &refused)) == NULL) {
-            Py_XDECREF(rest);
-            Py_XDECREF(p);
-            if (!refused)
-                return -1;
-            c = PyTuple_Pack(3, frag, Py_None, Py_None);
-        } else {
-            Py_DECREF(rest);
+        if (rest != NULL && PyDict_DelItem(rest, s_process) == 0 &&
+            (p = encode_object(self, proc, &refused)) != NULL &&
+            (r = encode_object(self, rest, &refused)) != NULL) {
+            /* an empty process object would need no comma before its extras: as a dict */
             Py_ssize_t np = PyBytes_GET_SIZE(p), nr = PyBytes_GET_SIZE(r);
-            if (np > 2) { /* an empty process object would need no comma before its extras */
-                o = PyBytes_FromStringAndSize(PyBytes_AS_STRING(p), np - 1);
-                t = PyBytes_FromStringAndSize(NULL, nr > 2 ? nr + 2 : 3);
-            }
-            if (t != NULL) {
+            refused = np <= 2;
+            if (!refused && (o = PyBytes_FromStringAndSize(PyBytes_AS_STRING(p), np - 1)) &&
+                (t = PyBytes_FromStringAndSize(NULL, nr > 2 ? nr + 2 : 3))) {
                 char *q = PyBytes_AS_STRING(t);
                 *q++ = '}';
                 if (nr > 2) {
                     *q++ = ',';
-                    memcpy(q, PyBytes_AS_STRING(r) + 1, nr - 2);
-                    q += nr - 2;
+                    q = put(q, PyBytes_AS_STRING(r) + 1, nr - 2);
                 }
                 *q++ = '}';
                 *q = '\n';
             }
-            c = np <= 2             ? PyTuple_Pack(3, frag, Py_None, Py_None)
-                : o && t            ? PyTuple_Pack(3, frag, o, t)
-                                    : NULL;
-            Py_DECREF(p);
-            Py_DECREF(r);
-            Py_XDECREF(o);
-            Py_XDECREF(t);
         }
+        c = refused ? PyTuple_Pack(3, frag, Py_None, Py_None)
+            : t     ? PyTuple_Pack(3, frag, o, t)
+                    : NULL;
+        Py_XDECREF(rest);
+        Py_XDECREF(p);
+        Py_XDECREF(r);
+        Py_XDECREF(o);
+        Py_XDECREF(t);
         if (c == NULL)
             return -1;
         set_slot(self, info, F_ECS_LINE, c);
@@ -914,12 +912,6 @@ static int hex_digest(PyObject *sha, const char **s, Py_ssize_t *n)
     return 1;
 }
 
-static char *put(char *q, const void *p, size_t n)
-{
-    memcpy(q, p, n);
-    return q + n;
-}
-
 /* make_event, encoded into the line buffer: 1 done, 0 not as a line (the caller builds the
  * dict), -1 error. */
 static int emit_line(Hot *self, int action, PyObject *info, uint64_t ktime)
@@ -930,12 +922,28 @@ static int emit_line(Hot *self, int action, PyObject *info, uint64_t ktime)
     char ts[ISO_TS_MAX], code[40];
     const char *sha_s = NULL;
     Py_ssize_t sha_n = 0, ts_n, code_n = 0;
-    int rc = -1;
 
+    /* what a line cannot hold goes as a dict, whose encoder decides */
+    PyObject *sha = SLOT(info, F_SHA256);
+    int has_sha = PyObject_IsTrue(sha);
+    if (has_sha < 0)
+        return -1;
+    if (has_sha && !hex_digest(sha, &sha_s, &sha_n))
+        return 0;
+    PyObject *exit_code = SLOT(info, F_EXIT_CODE);
+    if (exit_code != Py_None) {
+        int overflow = 1;
+        long long v = 0;
+        if (PyLong_CheckExact(exit_code)) /* not a bool, which encodes as true or false */
+            v = PyLong_AsLongLongAndOverflow(exit_code, &overflow);
+        if (overflow)
+            return 0;
+        code_n = snprintf(code, sizeof code, ",\"exit_code\":%lld", v);
+    }
     frag = fragment(self, info);
     if (frag == NULL)
         return -1;
-    rc = fragment_parts(self, info, frag, &open, &tail);
+    int rc = fragment_parts(self, info, frag, &open, &tail);
     Py_DECREF(frag);
     if (rc <= 0)
         return rc;
@@ -945,24 +953,6 @@ static int emit_line(Hot *self, int action, PyObject *info, uint64_t ktime)
     ts_n = iso_timestamp_buf(self, (__int128)self->boot_epoch_ns + (__int128)ktime, ts);
     if (ts_n < 0)
         goto out;
-    PyObject *sha = SLOT(info, F_SHA256);
-    int has_sha = PyObject_IsTrue(sha);
-    if (has_sha < 0)
-        goto out;
-    rc = 0;
-    if (has_sha && !hex_digest(sha, &sha_s, &sha_n))
-        goto out;
-    PyObject *exit_code = SLOT(info, F_EXIT_CODE);
-    if (exit_code != Py_None) {
-        int overflow = 1;
-        long long v = 0;
-        if (PyLong_CheckExact(exit_code)) /* not a bool, which encodes as true or false */
-            v = PyLong_AsLongLongAndOverflow(exit_code, &overflow);
-        if (overflow)
-            goto out; /* not an int a line can hold: the dict's encoder decides */
-        code_n = snprintf(code, sizeof code, ",\"exit_code\":%lld", v);
-    }
-    rc = -1;
     PyObject *prefix = self->line_prefix[action];
     Py_ssize_t n_head = (Py_ssize_t)sizeof ts_key - 1 + ts_n + PyBytes_GET_SIZE(prefix) +
                         PyBytes_GET_SIZE(open);

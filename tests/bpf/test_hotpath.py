@@ -13,6 +13,7 @@ import dataclasses
 import io
 import os
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -142,7 +143,7 @@ def test_encoded_lines_carry_the_hash_and_fall_back_per_process() -> None:
     orjson refuses (a lone surrogate)."""
     import hashlib
 
-    digest = hashlib.sha256(open("/bin/true", "rb").read()).hexdigest()  # noqa: SIM115
+    digest = hashlib.sha256(Path("/bin/true").read_bytes()).hexdigest()
     pair = Pair()
     pair.feed([fork_record(PARENT, PID), exec_record(PID, b"/bin/true", b"true\0", 1)])
     line_src, line_events = pair.sides[2]
